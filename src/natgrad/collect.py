@@ -1,0 +1,167 @@
+"""One batch through the model: the layer inputs ā and output-gradients g of every adapter
+layer for the estimator's K back-propagated vectors, and per-example gradients of the other
+(generic) modules. This is the only place where natgrad runs the model to build statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .capture import LayerCapture
+from .errors import UnsupportedLayerError
+from .estimators import backprop_vectors
+from .functional import per_example_gradients
+from .layers import adapter_for
+from .layers.base import LayerAdapter
+from .layout import Block
+from .likelihoods import Likelihood
+
+
+@dataclass
+class LayerData:
+    """One adapter layer on one batch: ``inputs`` ā [N, T, G, D], ``grads`` g [N, K, T, G, O]."""
+
+    adapter: LayerAdapter
+    inputs: Tensor
+    grads: Tensor
+
+    @property
+    def simple(self) -> bool:
+        """One position and one group (a Linear on [N, in]): the factored fast paths apply."""
+        return self.inputs.shape[1] == 1 and self.inputs.shape[2] == 1
+
+    def per_example(self) -> Tensor:
+        return self.adapter.per_example_gradients(self.inputs, self.grads)
+
+
+@dataclass
+class BatchData:
+    """Everything one batch contributes; ``examples`` is its N."""
+
+    examples: int
+    layers: dict[int, LayerData]
+    generic: dict[int, Tensor]  # block index -> per-example gradients [N, K, size]
+    _cache: dict[int, Tensor] = field(default_factory=dict)
+
+    def per_example(self, index: int) -> Tensor:
+        """Per-example gradients [N, K, size] of block ``index`` (materialised, cached)."""
+        if index in self.generic:
+            return self.generic[index]
+        if index not in self._cache:
+            self._cache[index] = self.layers[index].per_example()
+        return self._cache[index]
+
+
+class Collector:
+    """Runs batches through ``model``; ``kronecker`` demands an adapter for every block."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: tuple[Block, ...],
+        likelihood: Likelihood,
+        estimator: str,
+        samples: int,
+        structure: str,
+        kronecker: bool,
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.likelihood = likelihood
+        self.estimator = estimator
+        self.samples = samples
+        self.structure = structure
+        self.kronecker = kronecker
+        self.adapters: dict[int, LayerAdapter] = {}
+        self._checked_calls = False
+        for i, block in enumerate(blocks):
+            module = model.get_submodule(block.name)
+            adapter = adapter_for(module, block.name)
+            if adapter is not None:
+                self.adapters[i] = adapter
+            elif kronecker:
+                self._unsupported(block.name, f"{type(module).__name__} has no layer adapter")
+
+    def _unsupported(self, name: str, why: str) -> None:
+        raise UnsupportedLayerError(
+            f"structure {self.structure!r} needs a Kronecker-factored layer, but module "
+            f"{name or '<model>'!r}: {why}. Use structure 'dense', 'block_diagonal', 'diagonal' "
+            "or 'implicit' (they handle any module), or register an adapter with "
+            "natgrad.layers.register_layer"
+        )
+
+    def batch(self, inputs: Tensor, targets: Tensor | None) -> BatchData:
+        modules = {a.module: a.name for a in self.adapters.values()}
+        capture = self._forward(modules, inputs, copy_outputs=False)
+        if capture.modified_in_place():
+            capture = self._forward(modules, inputs, copy_outputs=True)
+        output = capture.model_output
+        self._check_calls(capture)
+        self.likelihood.check_output(output)
+        if targets is not None and self.estimator == "empirical":
+            self.likelihood.check_target(output, targets)
+        vectors = backprop_vectors(self.likelihood, self.estimator, output, targets, self.samples)
+        layers = self._layer_data(capture, output, vectors)
+        generic = self._generic_data(inputs, vectors)
+        return BatchData(inputs.shape[0], layers, generic)
+
+    def _forward(self, modules: dict, inputs: Tensor, copy_outputs: bool) -> LayerCapture:
+        with LayerCapture(modules, copy_outputs=copy_outputs) as capture:
+            output = self.model(inputs)
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"the model must return a tensor of outputs, got {type(output).__name__}; "
+                "wrap it so that it returns the logits/means"
+            )
+        capture.model_output = output
+        return capture
+
+    def _check_calls(self, capture: LayerCapture) -> None:
+        for i, adapter in list(self.adapters.items()):
+            calls = capture.calls.get(adapter.name, 0)
+            if calls == 1:
+                continue
+            why = (
+                f"was called {calls} times in one forward pass (weight sharing)"
+                if calls
+                else "was not called in the forward pass"
+            )
+            if self.kronecker:
+                self._unsupported(adapter.name, why)
+            if self._checked_calls:
+                raise ValueError(f"module {adapter.name!r} {why} in this batch but not in the first")
+            del self.adapters[i]  # handled exactly by the generic per-example path instead
+        self._checked_calls = True
+
+    def _layer_data(self, capture: LayerCapture, output: Tensor, vectors: list[Tensor]) -> dict[int, LayerData]:
+        if not self.adapters:
+            return {}
+        order = list(self.adapters.items())
+        nodes = [capture.outputs[a.name] for _, a in order]
+        columns: list[list[Tensor]] = [[] for _ in order]
+        for k, v in enumerate(vectors):
+            grads = torch.autograd.grad(
+                output, nodes, v, retain_graph=k < len(vectors) - 1, allow_unused=True
+            )
+            for j, (node, grad) in enumerate(zip(nodes, grads)):
+                grad = torch.zeros_like(node) if grad is None else grad
+                columns[j].append(order[j][1].output_grads(grad))
+        return {
+            i: LayerData(a, a.layer_inputs(capture.inputs[a.name]), torch.stack(columns[j], dim=1))
+            for j, (i, a) in enumerate(order)
+        }
+
+    def _generic_data(self, inputs: Tensor, vectors: list[Tensor]) -> dict[int, Tensor]:
+        generic = [i for i in range(len(self.blocks)) if i not in self.adapters]
+        if not generic:
+            return {}
+        names = [n for i in generic for n in self.blocks[i].params]
+        grads = per_example_gradients(self.model, inputs, vectors, names)
+        n, k = inputs.shape[0], len(vectors)
+        return {
+            i: torch.cat([grads[name].reshape(n, k, -1) for name in self.blocks[i].params], dim=2)
+            for i in generic
+        }

@@ -1,0 +1,194 @@
+"""Accumulate batches into finished statistics and hand them to a representation.
+
+One builder per structure: ``add(batch)`` for every batch, then ``finish()``. F is the mean
+over all N examples; K-FAC normalises as in KFC (Grosse & Martens 2016, "expand"):
+A = (1/(N·T)) Σ_{n,t} ā_nt ā_ntᵀ and G = (1/N) Σ_{n,k,t} g_nkt g_nktᵀ, so that for T = 1
+(Linear) A ⊗ G is E[ā āᵀ] ⊗ E[J_aᵀ D J_a].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .collect import BatchData, LayerData
+from .gram import block_diagonal_of_gram, block_gram
+from .layout import Block
+from .linalg import symmetric_eigh
+from .representations.base import BlockDiagonalFisher, FisherMatrix
+from .representations.dense import DenseBlock, DenseFisher
+from .representations.diagonal import DiagonalFisher
+from .representations.ekfac import EKFACBlock, EKFACFisher
+from .representations.kfac import KFACBlock, KFACFisher
+from .representations.kron_sum import KronSumBlock, KronSumFisher
+
+_CHUNK_ELEMENTS = 2**25
+
+
+class _Builder:
+    def __init__(self, blocks: tuple[Block, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.blocks = blocks
+        self.dtype = dtype
+        self.device = device
+        self.examples = 0
+
+    def add(self, batch: BatchData) -> None:
+        self.examples += batch.examples
+        self._add(batch)
+
+    def _add(self, batch: BatchData) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> FisherMatrix:
+        raise NotImplementedError
+
+
+class DenseBuilder(_Builder):
+    """All blocks (``structure='dense'``) or only the diagonal ones (``'block_diagonal'``)."""
+
+    def __init__(self, blocks, dtype, device, diagonal_only: bool) -> None:
+        super().__init__(blocks, dtype, device)
+        self.diagonal_only = diagonal_only
+        self.sums: dict[tuple[int, int], Tensor] = {}
+
+    def _add(self, batch: BatchData) -> None:
+        count = len(self.blocks)
+        for i in range(count):
+            for j in [i] if self.diagonal_only else range(i, count):
+                gram = block_gram(batch, i, j)
+                self.sums[i, j] = self.sums[i, j] + gram if (i, j) in self.sums else gram
+
+    def finish(self) -> FisherMatrix:
+        if self.diagonal_only:
+            operators = [DenseBlock(self.sums[i, i] / self.examples) for i in range(len(self.blocks))]
+            return BlockDiagonalFisher(self.blocks, operators, self.dtype, self.device)
+        size = self.blocks[-1].stop
+        dense = torch.empty(size, size, dtype=self.dtype, device=self.device)
+        for (i, j), gram in self.sums.items():
+            bi, bj = self.blocks[i].slice, self.blocks[j].slice
+            dense[bi, bj] = gram
+            if i != j:
+                dense[bj, bi] = gram.T
+        return DenseFisher(self.blocks, dense.div_(self.examples))
+
+
+class DiagonalBuilder(_Builder):
+    def __init__(self, blocks, dtype, device) -> None:
+        super().__init__(blocks, dtype, device)
+        self.total = torch.zeros(blocks[-1].stop, dtype=dtype, device=device)
+
+    def _add(self, batch: BatchData) -> None:
+        for i, block in enumerate(self.blocks):
+            self.total[block.slice] += block_diagonal_of_gram(batch, i)
+
+    def finish(self) -> FisherMatrix:
+        return DiagonalFisher(self.blocks, self.total / self.examples)
+
+
+def input_gram(layer: LayerData) -> Tensor:
+    """Σ_{n,t} ā ā ᵀ per group: [G, D, D]."""
+    n, t, g, d = layer.inputs.shape
+    x = layer.inputs.reshape(n * t, g, d)
+    if g == 1:
+        flat = x[:, 0, :]
+        return (flat.T @ flat).unsqueeze(0)
+    x = x.transpose(0, 1)
+    return x.mT @ x
+
+
+def output_gram(layer: LayerData) -> Tensor:
+    """Σ_{n,k,t} g gᵀ per group: [G, O, O]."""
+    g, o = layer.grads.shape[-2:]
+    y = layer.grads.reshape(-1, g, o)
+    if g == 1:
+        flat = y[:, 0, :]
+        return (flat.T @ flat).unsqueeze(0)
+    y = y.transpose(0, 1)
+    return y.mT @ y
+
+
+class KFACBuilder(_Builder):
+    """Sums of the Kronecker factors; ``keep`` also stores the layer data (for EKFAC)."""
+
+    def __init__(self, blocks, dtype, device) -> None:
+        super().__init__(blocks, dtype, device)
+        self.input_sums: dict[int, Tensor] = {}
+        self.output_sums: dict[int, Tensor] = {}
+        self.positions: dict[int, int] = {}
+        self.adapters: dict = {}
+
+    def _add(self, batch: BatchData) -> None:
+        for i, layer in batch.layers.items():
+            a, g = input_gram(layer), output_gram(layer)
+            if i in self.input_sums:
+                self.input_sums[i] += a
+                self.output_sums[i] += g
+            else:
+                self.input_sums[i], self.output_sums[i] = a, g
+                self.positions[i] = layer.inputs.shape[1]
+                self.adapters[i] = layer.adapter
+
+    def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """{block index: (A [G, D, D], G [G, O, O])}."""
+        return {
+            i: (self.input_sums[i] / (self.examples * self.positions[i]), self.output_sums[i] / self.examples)
+            for i in self.input_sums
+        }
+
+    def finish(self) -> FisherMatrix:
+        factors = self.factors()
+        operators = [KFACBlock(self.adapters[i], *factors[i]) for i in range(len(self.blocks))]
+        return KFACFisher(self.blocks, operators, self.dtype, self.device)
+
+
+class StoredBuilder(_Builder):
+    """Keeps every batch's layer data: the Kronecker-sum blocks and EKFAC need all of it."""
+
+    def __init__(self, blocks, dtype, device, ekfac: bool) -> None:
+        super().__init__(blocks, dtype, device)
+        self.ekfac = ekfac
+        self.kfac = KFACBuilder(blocks, dtype, device) if ekfac else None
+        self.stored: dict[int, list[LayerData]] = {i: [] for i in range(len(blocks))}
+
+    def _add(self, batch: BatchData) -> None:
+        if self.kfac is not None:
+            self.kfac.add(batch)
+        for i, layer in batch.layers.items():
+            self.stored[i].append(layer)
+
+    def _joined(self, i: int) -> LayerData:
+        parts = self.stored[i]
+        if len(parts) == 1:
+            return parts[0]
+        return LayerData(
+            parts[0].adapter, torch.cat([p.inputs for p in parts]), torch.cat([p.grads for p in parts])
+        )
+
+    def finish(self) -> FisherMatrix:
+        layers = [self._joined(i) for i in range(len(self.blocks))]
+        if not self.ekfac:
+            operators = [KronSumBlock(l.adapter, l.inputs, l.grads, self.examples) for l in layers]
+            return KronSumFisher(self.blocks, operators, self.dtype, self.device)
+        factors = self.kfac.factors()
+        operators = []
+        for i, layer in enumerate(layers):
+            _, basis_a = symmetric_eigh(factors[i][0])
+            _, basis_g = symmetric_eigh(factors[i][1])
+            scales = eigenbasis_second_moments(layer, basis_a, basis_g) / self.examples
+            operators.append(EKFACBlock(layer.adapter, basis_a, basis_g, scales))
+        return EKFACFisher(self.blocks, operators, self.dtype, self.device)
+
+
+def eigenbasis_second_moments(layer: LayerData, basis_a: Tensor, basis_g: Tensor) -> Tensor:
+    """Σ_{n,k} (Q_Gᵀ Γ_nk Q_A)² elementwise, [G, O, D]; Γ_nk = Σ_t g_nkt ā_ntᵀ."""
+    a = torch.einsum("ntgd,gde->ntge", layer.inputs, basis_a)
+    g = torch.einsum("nktgo,gop->nktgp", layer.grads, basis_g)
+    if layer.simple:
+        return (g[:, :, 0, 0].pow(2).sum(1).T @ a[:, 0, 0].pow(2)).unsqueeze(0)
+    n, k = g.shape[:2]
+    groups, o, d = g.shape[3], g.shape[4], a.shape[3]
+    total = a.new_zeros(groups, o, d)
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * groups * o * d))
+    for s in range(0, n, step):
+        total += torch.einsum("ntgd,nktgo->nkgod", a[s : s + step], g[s : s + step]).pow(2).sum((0, 1))
+    return total
