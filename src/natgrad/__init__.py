@@ -10,16 +10,10 @@ from .fisher import STRUCTURES, fisher, natural_gradient
 from .layers import LayerAdapter, register_layer
 from .layout import Block
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from .report import report
 from .representations.base import FisherMatrix
 
 __version__ = "0.1.0"
-
-
-def report(*args, **kwargs):
-    """Per-layer error of each structure against the exact Fisher; see :func:`natgrad.report.report`."""
-    from .report import report as _report
-
-    return _report(*args, **kwargs)
 
 
 __all__ = [

@@ -56,7 +56,12 @@ class BatchData:
 
 
 class Collector:
-    """Runs batches through ``model``; ``kronecker`` demands an adapter for every block."""
+    """Runs batches through ``model``.
+
+    ``kronecker`` demands an adapter for every block; ``single_call`` (default: ``kronecker``)
+    makes a layer called other than once per forward an error instead of handing it to the
+    generic per-example path; ``generic=False`` skips the generic per-example gradients.
+    """
 
     def __init__(
         self,
@@ -67,6 +72,8 @@ class Collector:
         samples: int,
         structure: str,
         kronecker: bool,
+        generic: bool = True,
+        single_call: bool | None = None,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -75,6 +82,8 @@ class Collector:
         self.samples = samples
         self.structure = structure
         self.kronecker = kronecker
+        self.generic = generic
+        self.single_call = kronecker if single_call is None else single_call
         self.adapters: dict[int, LayerAdapter] = {}
         self._checked_calls = False
         for i, block in enumerate(blocks):
@@ -99,13 +108,25 @@ class Collector:
         if capture.modified_in_place():
             capture = self._forward(modules, inputs, copy_outputs=True)
         output = capture.model_output
-        self._check_calls(capture)
         self.likelihood.check_output(output)
         if targets is not None and self.estimator == "empirical":
             self.likelihood.check_target(output, targets)
         vectors = backprop_vectors(self.likelihood, self.estimator, output, targets, self.samples)
-        layers = self._layer_data(capture, output, vectors)
-        generic = self._generic_data(inputs, vectors)
+        return self.from_capture(capture, inputs, output, vectors)
+
+    def from_capture(
+        self,
+        capture: LayerCapture,
+        inputs: Tensor,
+        output: Tensor,
+        vectors: list[Tensor],
+        retain_graph: bool = False,
+    ) -> BatchData:
+        """BatchData of a finished forward pass: back-propagates ``vectors`` [N, *out] from ``output``
+        (keeping the graph afterwards if ``retain_graph``)."""
+        self._check_calls(capture)
+        layers = self._layer_data(capture, output, vectors, retain_graph)
+        generic = self._generic_data(inputs, vectors) if self.generic else {}
         return BatchData(inputs.shape[0], layers, generic)
 
     def _forward(self, modules: dict, inputs: Tensor, copy_outputs: bool) -> LayerCapture:
@@ -129,14 +150,16 @@ class Collector:
                 if calls
                 else "was not called in the forward pass"
             )
-            if self.kronecker:
+            if self.single_call:
                 self._unsupported(adapter.name, why)
             if self._checked_calls:
                 raise ValueError(f"module {adapter.name!r} {why} in this batch but not in the first")
             del self.adapters[i]  # handled exactly by the generic per-example path instead
         self._checked_calls = True
 
-    def _layer_data(self, capture: LayerCapture, output: Tensor, vectors: list[Tensor]) -> dict[int, LayerData]:
+    def _layer_data(
+        self, capture: LayerCapture, output: Tensor, vectors: list[Tensor], retain_graph: bool
+    ) -> dict[int, LayerData]:
         if not self.adapters:
             return {}
         order = list(self.adapters.items())
@@ -144,7 +167,7 @@ class Collector:
         columns: list[list[Tensor]] = [[] for _ in order]
         for k, v in enumerate(vectors):
             grads = torch.autograd.grad(
-                output, nodes, v, retain_graph=k < len(vectors) - 1, allow_unused=True
+                output, nodes, v, retain_graph=retain_graph or k < len(vectors) - 1, allow_unused=True
             )
             for j, (node, grad) in enumerate(zip(nodes, grads)):
                 grad = torch.zeros_like(node) if grad is None else grad

@@ -25,6 +25,8 @@ def check_estimator(estimator: str, samples: int) -> None:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if estimator != "mc" and samples != 1:
+        raise ValueError(f"samples={samples} only applies to estimator='mc', not {estimator!r}")
 
 
 def backprop_vectors(

@@ -111,7 +111,7 @@ def report(model: nn.Module | None = None, data="digits", mnist_dir=None,
     (the dense reference is ``P x P``; ``max_params`` guards it). Reproducible for a given
     ``seed`` without touching the global random state.
     """
-    import natgrad  # the core; imported here so that `import natgrad` stays cheap
+    import natgrad  # the core (imported here: natgrad/__init__.py imports this module)
 
     structures = _check_args(model, data, estimator, samples, damping, structures,
                              train_steps, examples, dtype, lr, batch_size, max_params)
@@ -132,6 +132,12 @@ def report(model: nn.Module | None = None, data="digits", mnist_dir=None,
             net = copy.deepcopy(model).to(dtype)
             steps = 0 if train_steps is None else train_steps
         params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        device = params[0].device
+        x_train, y_train = x_train.to(device), y_train.to(device)
+        if x_test is not None:
+            x_test, y_test = x_test.to(device), y_test.to(device)
         n_params = sum(p.numel() for p in params)
         if n_params > max_params:
             raise ValueError(
@@ -209,8 +215,10 @@ def write_json_atomic(path, obj) -> Path:
     ``os.replace``, so readers never see a half-written file. Creates missing parents."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp",
+                               dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, allow_nan=False)
             fh.write("\n")
@@ -227,6 +235,12 @@ def write_json_atomic(path, obj) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def _check_args(model, data, estimator, samples, damping, structures, train_steps, examples,
                 dtype, lr, batch_size, max_params) -> tuple[str, ...]:
@@ -246,6 +260,9 @@ def _check_args(model, data, estimator, samples, damping, structures, train_step
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _positive_int("samples", samples)
+    if samples != 1 and estimator != "mc":
+        raise ValueError(f"samples={samples} only applies to estimator='mc' "
+                         f"(the {estimator} Fisher draws no labels)")
     _positive_int("examples", examples)
     _positive_int("batch_size", batch_size)
     _positive_int("max_params", max_params)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 PROG = "natgrad"
 EXIT_USAGE = 2
+DEFAULT_OUT = "results"  # git-ignored
 
 
 # --------------------------------------------------------------------------- argument types
@@ -99,7 +100,8 @@ def _add_report(subparsers) -> None:
     p.add_argument("--structures", type=name_list(STRUCTURES), default=None,
                    metavar="S[,S...]",
                    help=f"structures to compare (default {','.join(DEFAULT_STRUCTURES)}; "
-                        f"choose from {','.join(STRUCTURES)})")
+                        f"choose from {','.join(STRUCTURES)}; implicit is matrix-free, so its "
+                        f"dense matrix takes one product per parameter: slow)")
     p.add_argument("--hidden", type=int_list, nargs="+", default=None, metavar="W",
                    help="hidden layer widths, e.g. 32 or 32,16 (default 32 on digits, "
                         "8 on mnist)")
@@ -112,8 +114,9 @@ def _add_report(subparsers) -> None:
                    help="compute in float32 instead of float64")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", type=Path, metavar="DIR",
-                     help="write DIR/report.json")
+                     help=f"write DIR/report.json (default: {DEFAULT_OUT}/report.json)")
     out.add_argument("--json", type=Path, metavar="FILE", help="write the JSON to FILE")
+    out.add_argument("--no-json", action="store_true", help="print the table only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_report)
 
@@ -136,8 +139,12 @@ def _run_report(args) -> int:
         seed=args.seed, dtype=torch.float32 if args.float32 else torch.float64,
         progress=_progress_enabled(args))
     print(result.to_table())
-    path = args.json if args.json is not None else (
-        args.out / "report.json" if args.out is not None else None)
+    if args.no_json:
+        path = None
+    elif args.json is not None:
+        path = args.json
+    else:
+        path = (Path(DEFAULT_OUT) if args.out is None else args.out) / "report.json"
     if path is not None:
         result.save(path)
         print(f"wrote {path}")
