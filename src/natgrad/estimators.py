@@ -42,3 +42,14 @@ def backprop_vectors(
     if targets is None:  # guarded earlier; kept for direct callers
         raise ValueError("the empirical Fisher needs targets")
     return [likelihood.score(output, targets)]
+
+
+def outer_curvature(vectors: Tensor):
+    """u ↦ Σ_k v_k (v_k · u) per example, the output curvature of ``vectors`` [K, N, *out]."""
+
+    def apply(u: Tensor) -> Tensor:
+        dims = tuple(range(2, vectors.dim()))
+        inner = (vectors * u.unsqueeze(0)).sum(dims, keepdim=True)
+        return (vectors * inner).sum(0)
+
+    return apply

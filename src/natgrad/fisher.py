@@ -15,7 +15,7 @@ from torch.func import vjp
 from .capture import preserved_state
 from .collect import Collector
 from .data import iter_batches
-from .estimators import backprop_vectors, check_estimator
+from .estimators import backprop_vectors, check_estimator, outer_curvature
 from .functional import model_function, snapshot
 from .layout import check_vector, model_dtype_device, parameter_blocks
 from .likelihoods import Likelihood, get_likelihood
@@ -113,17 +113,6 @@ def _implicit(model, blocks, batches, likelihood, estimator, samples) -> Implici
             curvature = (lambda out: lambda u: likelihood.fisher_vector(out, u))(output.detach())
         else:
             vectors = torch.stack(backprop_vectors(likelihood, estimator, output, targets, samples))
-            curvature = _outer_curvature(vectors)
+            curvature = outer_curvature(vectors)
         implicit_batches.append(ImplicitBatch(inputs, pullback, curvature))
     return ImplicitFisher(blocks, function, params, implicit_batches, examples)
-
-
-def _outer_curvature(vectors: Tensor):
-    """u ↦ Σ_k v_k (v_k · u) per example; ``vectors`` [K, N, *out]."""
-
-    def apply(u: Tensor) -> Tensor:
-        dims = tuple(range(2, vectors.dim()))
-        inner = (vectors * u.unsqueeze(0)).sum(dims, keepdim=True)
-        return (vectors * inner).sum(0)
-
-    return apply

@@ -1,0 +1,395 @@
+"""What the curvature optimizers (NGD, K-FAC, EKFAC) share: the training loop contract.
+
+```
+opt.zero_grad(); out = model(x); loss = criterion(out, y)
+opt.backward(loss, out)   # loss.backward() + on statistics steps the Fisher backprop of
+opt.step()                # the estimator's vectors through the same graph
+```
+A subclass supplies ``_update_statistics(batch)`` (on statistics steps), ``_refresh()`` (on
+inverse steps) and ``_direction(grads)`` — the preconditioned gradient Δ (flat, descent is −Δ).
+This class turns Δ into a step (exact-Fisher quadratic model, KL clip or plain lr, momentum,
+weight decay, adaptive damping) and keeps every piece of state in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..collect import BatchData, Collector, LayerData
+from ..estimators import backprop_vectors, check_estimator
+from ..layout import Block, model_dtype_device, parameter_blocks
+from ..likelihoods import Likelihood, get_likelihood
+from ..linalg import check_damping
+from .capture import TrainingCapture
+from .config import DampingPolicy, Schedule, StepPolicy
+from .quadratic import quadratic_model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel/DataParallel wrappers."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def check_lr(lr: float) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    return float(lr)
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class; see the module docstring. ``param_groups`` (optional) are dicts with
+    ``params`` (parameters of ``model``) and overrides of ``lr``/``damping``/``weight_decay``;
+    a layer's parameters must share one group."""
+
+    generic_statistics = True  # whether non-adapter modules need per-example statistics
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        likelihood: str | Likelihood,
+        estimator: str,
+        samples: int,
+        schedule: Schedule,
+        damping_policy: DampingPolicy,
+        step_policy: StepPolicy,
+        param_groups: list[dict] | None,
+        kronecker: bool,
+    ) -> None:
+        self.model = unwrap(model)
+        check_estimator(estimator, samples)
+        for name, value, kind in (
+            ("schedule", schedule, Schedule),
+            ("damping_policy", damping_policy, DampingPolicy),
+            ("step_policy", step_policy, StepPolicy),
+        ):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a natgrad.optim.{kind.__name__}, got {type(value).__name__}")
+        self.likelihood = get_likelihood(likelihood)
+        self.estimator = estimator
+        self.samples = samples
+        self.schedule = schedule
+        self.damping_policy = damping_policy
+        self.step_policy = step_policy
+        self.blocks: tuple[Block, ...] = parameter_blocks(self.model)
+        self.dtype, self.device = model_dtype_device(self.model)
+        named = dict(self.model.named_parameters())
+        self.block_params = [[named[n] for n in b.params] for b in self.blocks]
+        defaults = {"lr": check_lr(lr), "damping": check_damping(damping), "weight_decay": step_policy.weight_decay}
+        super().__init__(self._groups(param_groups, defaults), defaults)
+        self.collector = Collector(
+            self.model, self.blocks, self.likelihood, estimator, samples, type(self).__name__,
+            kronecker=False, generic=self.generic_statistics, single_call=kronecker,
+        )
+        self.adapters = dict(self.collector.adapters)
+        if kronecker and not self.adapters:
+            raise ValueError(
+                f"{type(self).__name__} found no supported layer (nn.Linear, nn.Conv2d) with trainable "
+                "weights in the model; use natgrad.optim.NGD or a first-order optimizer"
+            )
+        self.capture = TrainingCapture(self.model, {a.module: a.name for a in self.adapters.values()})
+        self.steps = 0  # completed steps
+        self._pending: tuple[Tensor, Tensor] | None = None  # (output, loss) of opt.backward
+        self._stats_batch: BatchData | None = None
+        self._skip = False
+        self._arm()
+
+    # ---------------------------------------------------------------- setup
+    def _groups(self, param_groups: list[dict] | None, defaults: dict) -> list[dict]:
+        trainable = [p for b in self.block_params for p in b]
+        if param_groups is None:
+            return [{"params": trainable}]
+        ids = {id(p) for p in trainable}
+        seen: set[int] = set()
+        for group in param_groups:
+            if not isinstance(group, dict) or "params" not in group:
+                raise TypeError("param_groups must be a list of dicts with a 'params' entry")
+            for p in group["params"]:
+                if id(p) not in ids:
+                    raise ValueError("param_groups contain a parameter that is not a trainable parameter of the model")
+                seen.add(id(p))
+            if "lr" in group:
+                check_lr(group["lr"])
+            if "damping" in group:
+                check_damping(group["damping"])
+        if seen != ids:
+            raise ValueError("param_groups must cover every trainable parameter of the model exactly once")
+        for params in self.block_params:
+            owners = {i for i, g in enumerate(param_groups) for p in g["params"] if any(p is q for q in params)}
+            if len(owners) > 1:
+                raise ValueError("the parameters of one layer (weight and bias) must be in the same param group")
+        return param_groups
+
+    def _group_of(self, param: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(param is p for p in group["params"]):
+                return group
+        raise KeyError("parameter not in any group")
+
+    def remove_hooks(self) -> None:
+        """Remove the hooks this optimizer placed on the model (it cannot train afterwards)."""
+        self.capture.remove()
+
+    # ---------------------------------------------------------------- the loop
+    def is_statistics_step(self) -> bool:
+        return self.steps % self.schedule.stat_every == 0
+
+    def _arm(self) -> None:
+        stats = self.is_statistics_step()
+        self.capture.active = stats
+        self.capture.record_grads = stats and self.estimator == "empirical"
+        if not stats:
+            self.capture.clear()
+
+    def _needs_graph(self) -> bool:
+        return self.step_policy.rescale == "quadratic" or self.damping_policy.adaptive
+
+    def backward(self, loss: Tensor, output: Tensor) -> None:
+        """``loss.backward()`` plus, on statistics steps, the Fisher backprop through the same graph.
+
+        ``loss`` must be the mean negative log-likelihood of the batch under ``likelihood``
+        (e.g. ``cross_entropy(output, y)``) and ``output`` the model output it was computed from.
+        """
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError("loss must be a scalar tensor (reduce it with .mean())")
+        if not isinstance(output, Tensor):
+            raise TypeError(f"output must be the model's output tensor, got {type(output).__name__}")
+        if not torch.isfinite(loss):
+            warnings.warn(f"non-finite loss {float(loss)}: the next step() is skipped", RuntimeWarning, stacklevel=2)
+            self._skip = True
+            return
+        keep = self._needs_graph()
+        stats = self.is_statistics_step() and self.estimator != "empirical"
+        loss.backward(retain_graph=keep or stats)
+        self._pending = (output, loss.detach())
+        if stats:
+            self._stats_batch = self._fisher_batch(output, keep)
+
+    def _fisher_batch(self, output: Tensor, keep_graph: bool) -> BatchData:
+        if self.capture.modified_in_place():
+            raise RuntimeError(
+                "a layer output was modified in place after the layer (e.g. ReLU(inplace=True)); "
+                "natgrad's Fisher backprop needs it intact: use inplace=False"
+            )
+        self.likelihood.check_output(output)
+        vectors = backprop_vectors(self.likelihood, self.estimator, output, None, self.samples)
+        return self.collector.from_capture(
+            self.capture, self._model_inputs(output), output, vectors, retain_graph=keep_graph
+        )
+
+    def _model_inputs(self, output: Tensor) -> Tensor:
+        inputs = self.capture.model_inputs
+        if inputs is None:
+            inputs = output.new_zeros(output.shape[0], 0)  # only used by generic statistics
+        return inputs
+
+    def _empirical_batch(self) -> BatchData:
+        """The empirical Fisher from the gradients the user's loss.backward() produced."""
+        missing = [a.name for a in self.adapters.values() if a.name not in self.capture.grad_outputs]
+        if missing or not self.capture.captured():
+            raise RuntimeError(
+                "this is a statistics step but no layer gradients were recorded; run the forward "
+                "pass with gradients enabled and call loss.backward() (or opt.backward(loss, output)) "
+                "before step()"
+            )
+        self.collector._check_calls(self.capture)
+        n = next(iter(self.capture.inputs.values())).shape[0]
+        layers = {}
+        for i, adapter in self.adapters.items():
+            grads = adapter.output_grads(self.capture.grad_outputs[adapter.name] * n).unsqueeze(1)
+            layers[i] = LayerData(adapter, adapter.layer_inputs(self.capture.inputs[adapter.name]), grads)
+        return BatchData(n, layers, {})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One update. ``closure`` (re-evaluates and returns the loss without backward) is needed
+        only by adaptive damping."""
+        if self._skip:
+            self._skip = False
+            self._finish_step(advance=False)
+            return None
+        grads = self._flat_grads()
+        if grads is None:
+            raise RuntimeError("step() found no gradients: call opt.backward(loss, output) (or loss.backward()) first")
+        if not bool(torch.isfinite(grads).all()):
+            warnings.warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
+            self._finish_step(advance=False)
+            return None
+        if self.is_statistics_step():
+            self._update_statistics(self._statistics_batch())
+        if self._is_refresh_step():
+            self._refresh()
+        weight_decay = self._weight_decay_vector()
+        if weight_decay is not None:
+            grads = grads + weight_decay * self._flat_params()
+        direction = self._direction(grads)
+        if not bool(torch.isfinite(direction).all()):
+            warnings.warn("non-finite preconditioned direction: step skipped", RuntimeWarning, stacklevel=2)
+            self._finish_step(advance=False)
+            return None
+        update, model = self._update(direction, grads)
+        self._apply(update)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._adapt_damping(model, loss)
+        self._finish_step(advance=True)
+        return loss
+
+    def _statistics_batch(self) -> BatchData:
+        if self.estimator == "empirical":
+            return self._empirical_batch()
+        if self._stats_batch is None:
+            raise RuntimeError(
+                f"step {self.steps} is a statistics step for the {self.estimator!r} Fisher, which needs "
+                "the Fisher backprop: call opt.backward(loss, output) instead of loss.backward()"
+            )
+        return self._stats_batch
+
+    def _is_refresh_step(self) -> bool:
+        return self.steps % self.schedule.inverse_every == 0 or self.steps < 3
+
+    def _finish_step(self, advance: bool) -> None:
+        if advance:
+            self.steps += 1
+        self._pending = None
+        self._stats_batch = None
+        self.capture.clear()
+        self._arm()
+
+    # ---------------------------------------------------------------- vectors
+    def _params(self) -> list[Tensor]:
+        return [p for b in self.block_params for p in b]
+
+    def _flat_grads(self) -> Tensor | None:
+        params = self._params()
+        if all(p.grad is None for p in params):
+            return None
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+
+    def _flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params()])
+
+    def _per_param(self, key: str) -> Tensor:
+        return torch.cat([torch.full((p.numel(),), float(self._group_of(p)[key]), dtype=self.dtype, device=self.device) for p in self._params()])
+
+    def _weight_decay_vector(self) -> Tensor | None:
+        if all(g["weight_decay"] == 0 for g in self.param_groups):
+            return None
+        return self._per_param("weight_decay")
+
+    def damping_of(self, block_index: int) -> float:
+        """λ + η of the group owning block ``block_index``."""
+        group = self._group_of(self.block_params[block_index][0])
+        return float(group["damping"]) + float(group["weight_decay"])
+
+    # ---------------------------------------------------------------- step rules
+    def _update(self, direction: Tensor, grads: Tensor):
+        """The parameter change (to subtract) and the quadratic model used, if any."""
+        policy = self.step_policy
+        lr = self._per_param("lr")
+        state = self._global()
+        previous = state.get("previous")
+        model = None
+        if policy.rescale == "quadratic" or self.damping_policy.adaptive:
+            if self._pending is None:
+                raise RuntimeError(
+                    "the exact-Fisher quadratic model needs the graph: call opt.backward(loss, output)"
+                )
+            output = self._pending[0]
+            damping = self.damping_of(0)
+            with torch.enable_grad():
+                model = quadratic_model(output, self._params(), self.likelihood, -direction, previous, grads, damping)
+        if policy.rescale == "quadratic":
+            coeff = model.optimum(use_momentum=previous is not None)
+            change = -(float(coeff[0]) * -direction + (float(coeff[1]) * previous if previous is not None else 0.0))
+            change = lr * change
+            state["coeff"] = (float(coeff[0]), float(coeff[1]))
+        else:
+            scale = 1.0
+            if policy.rescale == "kl_clip":
+                lr0 = float(self.param_groups[0]["lr"])
+                quad = float((direction * grads).sum()) * lr0 * lr0
+                scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
+            buffer = state.get("momentum_buffer")
+            step = scale * direction
+            buffer = step if buffer is None or policy.momentum == 0 else policy.momentum * buffer + step
+            state["momentum_buffer"] = buffer
+            change = lr * buffer
+        state["previous"] = -change
+        return change, model
+
+    def _apply(self, change: Tensor) -> None:
+        offset = 0
+        for p in self._params():
+            n = p.numel()
+            p.sub_(change[offset : offset + n].view_as(p))
+            offset += n
+
+    def _adapt_damping(self, model, loss: Tensor | None) -> None:
+        policy = self.damping_policy
+        if not policy.adaptive or self.steps % policy.adapt_every != 0:
+            return
+        if loss is None:
+            raise RuntimeError("adaptive damping needs the loss after the step: call opt.step(closure)")
+        state = self._global()
+        before = float(self._pending[1])
+        coeff = state.get("coeff")
+        predicted = model.value(torch.tensor(coeff, dtype=torch.float64) * float(self.param_groups[0]["lr"])) if coeff else None
+        if not predicted or predicted >= 0:
+            return
+        ratio = (float(loss) - before) / predicted
+        omega = policy.omega**policy.adapt_every
+        for group in self.param_groups:
+            value = group["damping"]
+            if ratio > 0.75:
+                value *= omega
+            elif ratio < 0.25:
+                value /= omega
+            group["damping"] = min(max(value, policy.min_damping), policy.max_damping)
+        state["ratio"] = ratio
+
+    # ---------------------------------------------------------------- state
+    def _global(self) -> dict:
+        return self.__dict__.setdefault("_global_state", {})
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["natgrad"] = {"steps": self.steps, **{k: v for k, v in self._global().items()}, **self._extra_state()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = dict(state_dict.pop("natgrad", {}))
+        super().load_state_dict(state_dict)
+        self.steps = int(extra.pop("steps", 0))
+        self._load_extra_state(extra)
+        self._global_state = {k: extra[k] for k in ("previous", "momentum_buffer", "coeff", "ratio") if k in extra}
+        self._arm()
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    # ---------------------------------------------------------------- subclass interface
+    def _update_statistics(self, batch: BatchData) -> None:
+        raise NotImplementedError
+
+    def _refresh(self) -> None:
+        pass
+
+    def _direction(self, grads: Tensor) -> Tensor:
+        raise NotImplementedError

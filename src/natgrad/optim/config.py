@@ -1,0 +1,92 @@
+"""The options of the curvature optimizers, grouped in three small objects with defaults.
+
+* :class:`Schedule` — when statistics and inverses are refreshed;
+* :class:`DampingPolicy` — how the damping λ enters the inverse and whether it adapts;
+* :class:`StepPolicy` — how the preconditioned direction becomes a step (rescaling, momentum,
+  weight decay, trust region).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _number(name: str, value: object, low: float, high: float, low_open: bool = False, high_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Statistics every ``stat_every`` steps; inverses/eigenbases every ``inverse_every`` steps
+    (and on the first three steps, as in Martens & Grosse §8). Factors are running averages
+    ``new = ρ old + (1 − ρ) batch`` with ρ = min(1 − 1/k, ``decay``) at the k-th update."""
+
+    stat_every: int = 1
+    inverse_every: int = 10
+    decay: float = 0.95
+
+    def __post_init__(self) -> None:
+        _positive_int("Schedule.stat_every", self.stat_every)
+        _positive_int("Schedule.inverse_every", self.inverse_every)
+        _number("Schedule.decay", self.decay, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class DampingPolicy:
+    """``mode="factored"``: Tikhonov damping split between the factors with the π heuristic,
+    (A + π√λ I) ⊗ (G + √λ/π I) (Martens & Grosse §6.3); ``mode="eigen"``: exact damping
+    (G ⊗ A + λ I)⁻¹ in the Kronecker eigenbasis. ``adaptive``: Levenberg–Marquardt on the
+    reduction ratio ρ every ``adapt_every`` steps (needs ``step(closure)``): λ ← ω λ if ρ > 3/4,
+    λ ← λ / ω if ρ < 1/4, ω = ``omega`` ** adapt_every, kept within [min_damping, max_damping]."""
+
+    mode: str = "factored"
+    adaptive: bool = False
+    adapt_every: int = 5
+    omega: float = 19 / 20
+    min_damping: float = 1e-8
+    max_damping: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("factored", "eigen"):
+            raise ValueError(f"DampingPolicy.mode must be 'factored' or 'eigen', got {self.mode!r}")
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"DampingPolicy.adaptive must be a bool, got {self.adaptive!r}")
+        _positive_int("DampingPolicy.adapt_every", self.adapt_every)
+        _number("DampingPolicy.omega", self.omega, 0.0, 1.0, low_open=True)
+        _number("DampingPolicy.min_damping", self.min_damping, 0.0, math.inf)
+        _number("DampingPolicy.max_damping", self.max_damping, self.min_damping, math.inf)
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """``rescale="quadratic"``: step size α and momentum μ minimise the exact-Fisher quadratic
+    model ½δᵀ(F + (λ+η)I)δ + ∇ᵀδ over δ = αΔ + μδ₀ on the current batch (Martens & Grosse §6.4
+    and §7; ``momentum`` is then unused); ``"kl_clip"``: the step is scaled so that
+    lr²·Δᵀ F̂ Δ ≤ ``kl_clip`` (Ba et al. 2017), then heavy-ball ``momentum``; ``"none"``: plain
+    lr with ``momentum``. ``weight_decay`` η adds η θ to the gradient (and η to the damping)."""
+
+    rescale: str = "quadratic"
+    momentum: float = 0.9
+    kl_clip: float = 1e-2
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rescale not in ("quadratic", "kl_clip", "none"):
+            raise ValueError(
+                f"StepPolicy.rescale must be 'quadratic', 'kl_clip' or 'none', got {self.rescale!r}"
+            )
+        _number("StepPolicy.momentum", self.momentum, 0.0, 1.0)
+        _number("StepPolicy.kl_clip", self.kl_clip, 0.0, math.inf, low_open=True)
+        _number("StepPolicy.weight_decay", self.weight_decay, 0.0, math.inf)

@@ -1,0 +1,135 @@
+"""Exact natural-gradient descent: Δθ = −lr (F + εI)⁻¹ ∇L with F from any structure.
+
+With the defaults one step on a batch is exactly θ ← θ − lr (F_batch + damping I)⁻¹ ∇L_batch,
+F the Fisher of that batch (no running average, no momentum). ``structure="auto"`` stores F
+densely for models up to 4,096 parameters and otherwise keeps it matrix-free on the batch's
+own graph (J v by double backward, Jᵀ u by backward) with conjugate-gradient solves.
+Options add a running average of stored structures (``Schedule.decay``) and momentum or the
+quadratic-model rescaling (``StepPolicy``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..collect import BatchData
+from ..estimators import backprop_vectors
+from ..fisher import STRUCTURES
+from ..likelihoods import Likelihood
+from ..representations.base import FisherMatrix
+from ..statistics import DenseBuilder, DiagonalBuilder, KFACBuilder, StoredBuilder
+from .base import CurvatureOptimizer
+from .config import DampingPolicy, Schedule, StepPolicy
+from .graph_fisher import GraphFisher
+
+DENSE_LIMIT = 4096
+
+
+class NGD(CurvatureOptimizer):
+    """Natural-gradient descent with the Fisher in ``structure`` (see :func:`natgrad.fisher`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        damping: float = 1e-3,
+        likelihood: str | Likelihood = "categorical",
+        estimator: str = "mc",
+        samples: int = 1,
+        *,
+        structure: str = "auto",
+        schedule: Schedule = Schedule(stat_every=1, inverse_every=1, decay=0.0),
+        damping_policy: DampingPolicy = DampingPolicy(),
+        step_policy: StepPolicy = StepPolicy(rescale="none", momentum=0.0),
+        param_groups: list[dict] | None = None,
+    ) -> None:
+        if structure != "auto" and structure not in STRUCTURES:
+            raise ValueError(f"unknown structure {structure!r}; choose 'auto' or one of {list(STRUCTURES)}")
+        self.structure_option = structure
+        self.generic_statistics = True
+        super().__init__(
+            model, lr, damping, likelihood, estimator, samples, schedule, damping_policy, step_policy,
+            param_groups, kronecker=structure in ("kfac", "ekfac", "kron_sum"),
+        )
+        size = self.blocks[-1].stop
+        self.structure = structure if structure != "auto" else ("dense" if size <= DENSE_LIMIT else "implicit")
+        if self.structure == "implicit" and schedule.decay > 0:
+            raise ValueError("a running average (Schedule.decay > 0) needs a stored structure, not 'implicit'")
+        self.fisher_matrix: FisherMatrix | None = None
+        self._scores: Tensor | None = None
+
+    def _needs_graph(self) -> bool:
+        return super()._needs_graph() or self.structure == "implicit"
+
+    def _fisher_batch(self, output: Tensor, keep_graph: bool):
+        if self.structure == "implicit":
+            return None  # built in step() on the live graph
+        return super()._fisher_batch(output, keep_graph)
+
+    def _statistics_batch(self) -> BatchData | None:
+        if self.structure == "implicit":
+            return None
+        return super()._statistics_batch()
+
+    def backward(self, loss: Tensor, output: Tensor) -> None:
+        if self.structure == "implicit" and self.estimator == "empirical" and isinstance(output, Tensor):
+            # per-example scores of a mean loss: N ∂loss/∂output, taken before the graph is used
+            (grad,) = torch.autograd.grad(loss, output, retain_graph=True)
+            self._scores = grad.detach() * output.shape[0]
+        super().backward(loss, output)
+
+    def _update_statistics(self, batch: BatchData | None) -> None:
+        if self.structure == "implicit":
+            self.fisher_matrix = self._graph_fisher()
+            return
+        builder = self._builder()
+        builder.add(batch)
+        fresh = builder.finish()
+        self.fisher_matrix = self._averaged(fresh)
+
+    def _graph_fisher(self) -> GraphFisher:
+        if self._pending is None:
+            raise RuntimeError("NGD with the implicit structure needs the graph: call opt.backward(loss, output)")
+        output = self._pending[0]
+        if self.estimator == "empirical":
+            if self._scores is None:
+                raise RuntimeError("NGD(structure='implicit', estimator='empirical') needs opt.backward(loss, output)")
+            vectors = [self._scores]
+        elif self.estimator == "exact":
+            vectors = None
+        else:
+            vectors = backprop_vectors(self.likelihood, self.estimator, output, None, self.samples)
+        return GraphFisher(self.blocks, output, self._params(), self.likelihood, vectors)
+
+    def _builder(self):
+        args = (self.blocks, self.dtype, self.device)
+        if self.structure in ("dense", "block_diagonal"):
+            return DenseBuilder(*args, diagonal_only=self.structure == "block_diagonal")
+        if self.structure == "diagonal":
+            return DiagonalBuilder(*args)
+        if self.structure == "kfac":
+            return KFACBuilder(*args)
+        return StoredBuilder(*args, ekfac=self.structure == "ekfac")
+
+    def _averaged(self, fresh: FisherMatrix) -> FisherMatrix:
+        decay = self.schedule.decay
+        previous = self.fisher_matrix
+        if decay == 0 or previous is None:
+            return fresh
+        if not hasattr(fresh, "matrix") and not hasattr(fresh, "values"):
+            raise ValueError(f"a running average is supported for 'dense' and 'diagonal', not {self.structure!r}")
+        attribute = "matrix" if hasattr(fresh, "matrix") else "values"
+        setattr(fresh, attribute, decay * getattr(previous, attribute) + (1 - decay) * getattr(fresh, attribute))
+        return fresh
+
+    def _direction(self, grads: Tensor) -> Tensor:
+        if self.fisher_matrix is None:
+            raise RuntimeError("no Fisher yet: the first step must be a statistics step")
+        return self.fisher_matrix.solve(grads, self.damping_of(0))
+
+    def _finish_step(self, advance: bool) -> None:
+        if self.structure == "implicit":
+            self.fisher_matrix = None  # holds the graph of this batch
+        self._scores = None
+        super()._finish_step(advance)

@@ -1,0 +1,66 @@
+"""The exact-Fisher quadratic model of Martens & Grosse (§6.4, §7), on the user's own graph.
+
+M(δ) = ½ δᵀ (F + λ' I) δ + ∇ᵀδ with F the exact Fisher of the current batch. Only quadratic
+forms aᵀ F b = (1/N) Σ_n (J_n a)ᵀ D_n (J_n b) are needed, and J v comes from the graph that
+produced the output (:class:`~natgrad.optim.linearized.LinearizedOutput`): no second forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..likelihoods import Likelihood
+from .linearized import LinearizedOutput
+
+
+@dataclass
+class QuadraticModel:
+    """The 2×2 model over δ = c₁Δ + c₂δ₀: ``matrix`` (with λ'), ``linear`` = [∇ᵀΔ, ∇ᵀδ₀]."""
+
+    matrix: Tensor  # [2, 2] float64
+    linear: Tensor  # [2] float64
+
+    def optimum(self, use_momentum: bool) -> Tensor:
+        """Coefficients minimising the model; μ = 0 when there is no previous step."""
+        if use_momentum:
+            det = torch.linalg.det(self.matrix)
+            if float(det) > 1e-12 * float(self.matrix.diagonal().prod()):
+                return -torch.linalg.solve(self.matrix, self.linear)
+        coeff = torch.zeros(2, dtype=self.matrix.dtype)
+        if float(self.matrix[0, 0]) > 0:
+            coeff[0] = -self.linear[0] / self.matrix[0, 0]
+        return coeff
+
+    def value(self, coeff: Tensor) -> float:
+        """M(δ) − M(0) for δ = coeff[0] Δ + coeff[1] δ₀."""
+        return float(0.5 * coeff @ self.matrix @ coeff + self.linear @ coeff)
+
+
+def quadratic_model(
+    output: Tensor,
+    params: list[Tensor],
+    likelihood: Likelihood,
+    direction: Tensor,
+    previous: Tensor | None,
+    grad: Tensor,
+    damping: float,
+) -> QuadraticModel:
+    """Build the model on the batch that produced ``output`` (whose graph must be retained)."""
+    vectors = [direction] if previous is None else [direction, previous]
+    linearized = LinearizedOutput(output, params)
+    jvps = [linearized.jvp(v) for v in vectors]
+    n = output.shape[0]
+    out = output.detach()
+    fisher_jvps = [likelihood.fisher_vector(out, jv) for jv in jvps]
+    size = len(vectors)
+    matrix = torch.zeros(2, 2, dtype=torch.float64)
+    linear = torch.zeros(2, dtype=torch.float64)
+    for i in range(size):
+        linear[i] = float(grad @ vectors[i])
+        for j in range(i, size):
+            value = float((jvps[i] * fisher_jvps[j]).sum()) / n + damping * float(vectors[i] @ vectors[j])
+            matrix[i, j] = matrix[j, i] = value
+    return QuadraticModel(matrix, linear)
