@@ -20,6 +20,15 @@ from .layout import Block
 from .likelihoods import Likelihood
 
 
+def _shared_parameter_owners(model: nn.Module) -> set[str]:
+    """Names of modules that hold a parameter object also held by another module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    return {name for names in owners.values() if len(set(names)) > 1 for name in names}
+
+
 @dataclass
 class LayerData:
     """One adapter layer on one batch: ``inputs`` ā [N, T, G, D], ``grads`` g [N, K, T, G, O]."""
@@ -86,9 +95,14 @@ class Collector:
         self.single_call = kronecker if single_call is None else single_call
         self.adapters: dict[int, LayerAdapter] = {}
         self._checked_calls = False
+        shared = _shared_parameter_owners(model)
         for i, block in enumerate(blocks):
             module = model.get_submodule(block.name)
             adapter = adapter_for(module, block.name)
+            if adapter is not None and (block.name in shared or adapter.size != block.size):
+                if kronecker:
+                    self._unsupported(block.name, "shares a parameter with another module (tied weights)")
+                adapter = None
             if adapter is not None:
                 self.adapters[i] = adapter
             elif kronecker:

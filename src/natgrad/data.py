@@ -36,7 +36,7 @@ def iter_batches(
             continue
         count += 1
         targets = None if targets is None else targets.to(device)
-        yield inputs.to(device), targets
+        yield inputs.detach().to(device), targets
     if count == 0:
         raise ValueError("data is empty: it yielded no examples")
 

@@ -114,5 +114,5 @@ def _implicit(model, blocks, batches, likelihood, estimator, samples) -> Implici
         else:
             vectors = torch.stack(backprop_vectors(likelihood, estimator, output, targets, samples))
             curvature = outer_curvature(vectors)
-        implicit_batches.append(ImplicitBatch(inputs, pullback, curvature))
+        implicit_batches.append(ImplicitBatch(inputs, pullback, curvature, torch.zeros_like(output)))
     return ImplicitFisher(blocks, function, params, implicit_batches, examples)

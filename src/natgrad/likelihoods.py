@@ -120,14 +120,14 @@ class Categorical(Likelihood):
             )
 
     def nll(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target, reduction="none")
+        return F.cross_entropy(output, target.long(), reduction="none")
 
     def sample(self, output: Tensor) -> Tensor:
         return torch.multinomial(output.detach().softmax(dim=1), 1).squeeze(1)
 
     def score(self, output: Tensor, target: Tensor) -> Tensor:
         p = output.detach().softmax(dim=1)
-        return p - F.one_hot(target, p.shape[1]).to(p.dtype)
+        return p - F.one_hot(target.long(), p.shape[1]).to(p.dtype)
 
     def num_sqrt_columns(self, output: Tensor) -> int:
         return output.shape[1] - 1

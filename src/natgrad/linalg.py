@@ -77,6 +77,11 @@ def conjugate_gradient(
         p = r + (rs_new / rs.clamp_min(torch.finfo(rhs.dtype).tiny)) * p
         rs = rs_new
     residual = float((rs / rhs.norm(dim=0).pow(2).clamp_min(torch.finfo(rhs.dtype).tiny)).max().sqrt())
+    if damping == 0:
+        raise ValueError(
+            f"conjugate gradient did not converge with damping 0 (relative residual {residual:.2e} "
+            f"after {max_iter} iterations): the Fisher is probably singular; pass damping > 0"
+        )
     raise ConvergenceError(
         f"conjugate gradient reached relative residual {residual:.2e} > tol {tol:.1e} after "
         f"{max_iter} iterations; increase damping, or pass a larger max_iter or tol to solve()"

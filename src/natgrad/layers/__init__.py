@@ -21,13 +21,17 @@ def register_layer(module_type: type[nn.Module], adapter: type[LayerAdapter]) ->
 
 
 def adapter_for(module: nn.Module, name: str) -> LayerAdapter | None:
-    """The adapter for ``module``, or None when it has none or its parameters don't fit one.
+    """The adapter for ``module``, or None when it has none or does not fit it.
 
-    A module fits when its trainable parameters are exactly its ``weight`` and optionally
-    its ``bias`` (a frozen weight, or extra parameters, leave it to the generic structures).
+    A module fits when its trainable parameters are exactly its ``weight`` and optionally its
+    ``bias`` (a frozen weight, or extra parameters, leave it to the generic structures) and it
+    keeps the registered type's ``forward`` (a subclass computing something else would get
+    wrong layer maths silently).
     """
     for module_type, adapter in _REGISTRY:
         if isinstance(module, module_type):
+            if type(module).forward is not module_type.forward:
+                return None
             trainable = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if "weight" in trainable and trainable <= {"weight", "bias"}:
                 return adapter(module, name)
