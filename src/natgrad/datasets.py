@@ -1,8 +1,10 @@
 """Small, local datasets for examples, reports and tests.
 
 Nothing here downloads anything: :func:`load_digits` uses the 8x8 digits bundled with
-scikit-learn (an optional dependency, imported only when called) and :func:`load_mnist`
-reads the official MNIST IDX ``.gz`` files from a folder you point it at.
+scikit-learn (an optional dependency, imported only when called), :func:`load_mnist1d`
+generates MNIST-1D (Greydanus 2020) offline with the ``mnist1d`` package (optional, imported
+only when called) and :func:`load_mnist` reads the official MNIST IDX ``.gz`` files from a
+folder you point it at.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_digits", "load_mnist", "MNIST_FILES", "MNIST_MEAN", "MNIST_STD"]
+__all__ = ["load_digits", "load_mnist1d", "load_mnist", "MNIST_FILES", "MNIST_MEAN", "MNIST_STD"]
 
 #: Mean and standard deviation of the MNIST training pixels (after /255), the usual constants.
 MNIST_MEAN = 0.1307
@@ -66,6 +68,48 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = 
         x, y, test_size=float(test_fraction), random_state=seed, stratify=y)
     return (torch.as_tensor(x_tr, dtype=dtype), torch.as_tensor(y_tr, dtype=torch.long),
             torch.as_tensor(x_te, dtype=dtype), torch.as_tensor(y_te, dtype=torch.long))
+
+
+def load_mnist1d(dtype: torch.dtype = torch.float32):
+    """MNIST-1D (Greydanus 2020) with the package's default arguments, generated offline.
+
+    Calls ``mnist1d.data.make_dataset(get_dataset_args())`` (seed 42: the published frozen
+    dataset, 4,000 train / 1,000 test signals of 40 points, standardised globally) and returns
+    ``(x_train, y_train, x_test, y_test)``: inputs ``[N, 40]`` of ``dtype``, labels ``[N]``
+    int64 in ``0..9``. The generator seeds Python's and numpy's global RNGs; their states are
+    restored afterwards, so calling this does not disturb the caller's random streams.
+    Generation takes a few seconds; the result is cached for the life of the process.
+    """
+    _check_float_dtype(dtype)
+    x_tr, y_tr, x_te, y_te = _mnist1d_arrays()
+    return (torch.as_tensor(x_tr, dtype=dtype), torch.as_tensor(y_tr, dtype=torch.long),
+            torch.as_tensor(x_te, dtype=dtype), torch.as_tensor(y_te, dtype=torch.long))
+
+
+_MNIST1D_CACHE: list = []
+
+
+def _mnist1d_arrays():
+    if _MNIST1D_CACHE:
+        return _MNIST1D_CACHE[0]
+    import random
+
+    import numpy as np
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("natgrad.datasets.load_mnist1d needs the mnist1d package: "
+                          "pip install 'natgrad[data]'") from exc
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = (np.array(data["x"]), np.array(data["y"]), np.array(data["x_test"]),
+              np.array(data["y_test"]))
+    _MNIST1D_CACHE.append(arrays)
+    return arrays
 
 
 def load_mnist(folder, split: str = "test", limit: int | None = None, flatten: bool = True,

@@ -313,6 +313,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 model = quadratic_model(output, self._params(), self.likelihood, -direction, previous, grads, damping)
         if policy.rescale == "quadratic":
             coeff = model.optimum(use_momentum=previous is not None)
+            coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
             change = -(float(coeff[0]) * -direction + (float(coeff[1]) * previous if previous is not None else 0.0))
             change = lr * change
             state["coeff"] = (float(coeff[0]), float(coeff[1]))

@@ -73,13 +73,15 @@ class DampingPolicy:
 class StepPolicy:
     """``rescale="quadratic"``: step size α and momentum μ minimise the exact-Fisher quadratic
     model ½δᵀ(F + (λ+η)I)δ + ∇ᵀδ over δ = αΔ + μδ₀ on the current batch (Martens & Grosse §6.4
-    and §7; ``momentum`` is then unused); ``"kl_clip"``: the step is scaled so that
-    lr²·Δᵀ F̂ Δ ≤ ``kl_clip`` (Ba et al. 2017), then heavy-ball ``momentum``; ``"none"``: plain
-    lr with ``momentum``. ``weight_decay`` η adds η θ to the gradient (and η to the damping)."""
+    and §7; ``momentum`` is then unused), and the step is shrunk if needed so that
+    ½δᵀ(F + (λ+η)I)δ ≤ ``kl_clip`` (a trust region in the Fisher norm, ≈ the KL change of the
+    model's predictions); ``"kl_clip"``: the step is scaled so that lr²·Δᵀ F̂ Δ ≤ ``kl_clip``
+    (Ba et al. 2017), then heavy-ball ``momentum``; ``"none"``: plain lr with ``momentum``.
+    ``weight_decay`` η adds η θ to the gradient (and η to the damping)."""
 
     rescale: str = "quadratic"
     momentum: float = 0.9
-    kl_clip: float = 1e-2
+    kl_clip: float = 0.1
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:

@@ -32,8 +32,8 @@ class NGD(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.1,
-        damping: float = 1e-3,
+        lr: float = 0.3,
+        damping: float = 0.1,
         likelihood: str | Likelihood = "categorical",
         estimator: str = "mc",
         samples: int = 1,

@@ -34,6 +34,11 @@ class QuadraticModel:
             coeff[0] = -self.linear[0] / self.matrix[0, 0]
         return coeff
 
+    def trust_region_scale(self, coeff: Tensor, bound: float) -> float:
+        """Factor ≤ 1 keeping ½ δᵀ(F + λ'I)δ ≤ ``bound`` (a KL trust region on the step)."""
+        size = float(0.5 * coeff @ self.matrix @ coeff)
+        return min(1.0, (bound / size) ** 0.5) if size > 0 else 1.0
+
     def value(self, coeff: Tensor) -> float:
         """M(δ) − M(0) for δ = coeff[0] Δ + coeff[1] δ₀."""
         return float(0.5 * coeff @ self.matrix @ coeff + self.linear @ coeff)

@@ -1,0 +1,428 @@
+"""Train a built-in task (:mod:`natgrad.tasks`) with one optimizer: metrics, checkpoints, resume.
+
+``train(task, optimizer, ...)`` returns a summary dict and, with ``out``, writes
+
+* ``out/metrics.jsonl`` — one line per step: ``step``, ``epoch`` (epochs completed, fractional),
+  ``time_s`` (training wall-clock: the steps only, excluding evaluation and file writing),
+  ``train_loss`` (the loss of that step's batch); on evaluation steps (every ``eval_every``
+  steps, step 0 and the last step) also ``full_train_loss`` (mean loss over the whole training
+  split), ``test_loss``, ``test_accuracy`` (``null`` for the autoencoder, which reports
+  ``test_reconstruction_error`` instead). Step 0 is the evaluation before training.
+* ``out/checkpoint.pt`` — model, optimizer, torch RNG state, data-order RNG and position, step,
+  training time; written atomically (temporary file + ``os.replace``) every
+  ``checkpoint_every`` steps and at the end. ``resume=True`` continues from it bit-for-bit.
+* ``out/summary.json`` — the returned summary.
+
+The target loss is reached at the first evaluation whose full training loss is ≤ the task's
+target, so ``steps_to_target`` has the resolution of ``eval_every``.
+
+Optimizers are a small registry (:data:`OPTIMIZERS`); adding one is one line, e.g.
+``OPTIMIZERS["prong"] = OptimizerSpec(_natgrad("PRONG"), default_lr=..., lr_grid=(...), curvature=True, default_damping=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .tasks import Data, Task, get_task
+
+__all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
+           "evaluate", "write_json"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- optimizer registry
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """``make(model, task, lr, damping)``; ``curvature`` optimizers train with
+    ``opt.backward(loss, output)`` and take a damping; ``lr_grid`` is what ``compare`` tries."""
+
+    make: Callable[[nn.Module, Task, float, float | None], torch.optim.Optimizer]
+    default_lr: float
+    lr_grid: tuple[float, ...]
+    curvature: bool = False
+    default_damping: float | None = None
+
+
+def _natgrad(class_name: str, **options):
+    def make(model: nn.Module, task: Task, lr: float, damping: float | None):
+        import natgrad.optim as optim
+
+        return getattr(optim, class_name)(model, lr=lr, damping=damping, likelihood=task.likelihood,
+                                          estimator="mc", **options)
+
+    return make
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(lambda m, t, lr, d: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+                         default_lr=0.1, lr_grid=(0.03, 0.1, 0.3)),
+    "adam": OptimizerSpec(lambda m, t, lr, d: torch.optim.Adam(m.parameters(), lr=lr),
+                          default_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2)),
+    "kfac": OptimizerSpec(_natgrad("KFAC"), default_lr=1.0, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-3),
+    "ekfac": OptimizerSpec(_natgrad("EKFAC"), default_lr=1.0, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-3),
+    "ngd": OptimizerSpec(_natgrad("NGD"), default_lr=0.3, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-1),
+}
+
+
+def register_optimizer(name: str, spec: OptimizerSpec) -> None:
+    OPTIMIZERS[name] = spec
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _positive(name: str, value, integer: bool = False):
+    if value is None:
+        return None
+    kind = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _finite(value):
+    return value if value is not None and math.isfinite(value) else None
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON atomically (non-finite floats become null)."""
+    def clean(x):
+        if isinstance(x, float):
+            return _finite(x)
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    _atomic_write(path, (json.dumps(clean(data), indent=2) + "\n").encode())
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` and check that files can be written in it (ValueError/OSError otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".natgrad-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write in output directory {str(out)!r}: {exc.strerror or exc}") from None
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dict:
+    """Full training loss, test loss and the task's metric, without gradients (the optimizers'
+    hooks only record when grad is enabled)."""
+    result = {}
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        total, sums = 0.0, {}
+        for i in range(0, x.shape[0], chunk):
+            out = model(x[i:i + chunk])
+            total += float(task.loss(out, y[i:i + chunk])) * out.shape[0]
+            if split == "test":
+                for k, v in task.metric_sums(out, y[i:i + chunk]).items():
+                    sums[k] = sums.get(k, 0.0) + v
+        n = x.shape[0]
+        if split == "train":
+            result["full_train_loss"] = total / n
+        else:
+            result["test_loss"] = total / n
+            result["test_accuracy"] = sums["accuracy"] / n if "accuracy" in sums else None
+            if "reconstruction_error" in sums:
+                result["test_reconstruction_error"] = sums["reconstruction_error"] / n
+    return result
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """Result of :func:`run`: the summary and every metrics record (as written to JSONL)."""
+
+    summary: dict
+    records: list[dict] = field(default_factory=list)
+
+
+def train(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None, damping=None, seed=None,
+          out=None, resume=False, time_budget=None, progress=True, eval_every=None, **options) -> dict:
+    """Train ``task`` with ``optimizer``; returns the summary (see the module docstring).
+
+    Stops at the first of ``steps``, ``epochs`` and ``time_budget`` (seconds of training time);
+    with none of them, after the task's default number of epochs. ``lr``/``damping``/
+    ``batch_size`` default to the optimizer's and task's defaults; ``seed`` (model initialisation,
+    Monte-Carlo samples and data order) defaults to 0. With ``resume=True`` the run in ``out``
+    continues with its own lr/damping/batch size/seed (passing a different one is an error);
+    ``steps``/``epochs``/``time_budget`` count from the start of the run. Extra options:
+    ``checkpoint_every`` (steps, default 100), ``mnist_dir``, ``data`` (preloaded :class:`Data`).
+    """
+    return run(task, optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, damping=damping,
+               seed=seed, out=out, resume=resume, time_budget=time_budget, progress=progress,
+               eval_every=eval_every, **options).summary
+
+
+def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None, damping=None, seed=None,
+        out=None, resume=False, time_budget=None, progress=True, eval_every=None, checkpoint_every=100,
+        mnist_dir=None, data: Data | None = None) -> Run:
+    """:func:`train`, also returning every metrics record."""
+    task = get_task(task)
+    spec = get_optimizer(optimizer)
+    for name, value, integer in (("steps", steps, True), ("epochs", epochs, True), ("batch_size", batch_size, True),
+                                 ("lr", lr, False), ("damping", damping, False), ("time_budget", time_budget, False),
+                                 ("eval_every", eval_every, True), ("checkpoint_every", checkpoint_every, True)):
+        _positive(name, value, integer)
+    if damping is not None and not spec.curvature:
+        raise ValueError(f"damping is only used by the curvature optimizers, not {optimizer!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if resume and out is None:
+        raise ValueError("resume needs the output directory of the run to continue (out=...)")
+    out = None if out is None else Path(out).expanduser()
+    checkpoint = None
+    if resume:
+        path = out / CHECKPOINT
+        if not path.is_file():
+            raise ValueError(f"no checkpoint to resume from in {str(out)!r} ({CHECKPOINT} is missing)")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config = checkpoint["config"]
+        given = {"task": task.name, "optimizer": optimizer, "lr": lr, "damping": damping, "batch_size": batch_size,
+                 "seed": seed}
+        for key, value in given.items():
+            if value is not None and value != config[key]:
+                raise ValueError(f"--resume continues the run in {str(out)!r}, which has {key}={config[key]!r}, "
+                                 f"not {value!r}; drop the option or use another output directory")
+        lr, damping, batch_size, seed = config["lr"], config["damping"], config["batch_size"], config["seed"]
+        eval_every = eval_every or config["eval_every"]
+    lr = lr if lr is not None else spec.default_lr
+    damping = damping if damping is not None else spec.default_damping
+    batch_size = batch_size or task.batch_size
+    seed = 0 if seed is None else seed
+    eval_every = eval_every or task.eval_every
+    if data is None:
+        data = task.load(mnist_dir)
+    if out is not None:
+        prepare_out(out)
+    config = {"task": task.name, "optimizer": optimizer, "lr": lr, "damping": damping, "batch_size": batch_size,
+              "seed": seed, "eval_every": eval_every}
+    return _Trainer(task, spec, data, config, out, checkpoint, checkpoint_every, progress).loop(steps, epochs, time_budget)
+
+
+class _Trainer:
+    def __init__(self, task, spec, data, config, out, checkpoint, checkpoint_every, progress):
+        self.task, self.spec, self.data, self.config, self.out = task, spec, data, config, out
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.n = data.x_train.shape[0]
+        self.batch_size = min(config["batch_size"], self.n)
+        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+        torch.manual_seed(config["seed"])
+        self.model = task.make_model()
+        self.opt = spec.make(self.model, task, config["lr"], config["damping"])
+        self.generator = torch.Generator().manual_seed(config["seed"])
+        self.perm, self.pos, self.step, self.elapsed = None, 0, 0, 0.0
+        self.reached: dict = {"steps_to_target": None, "time_to_target_s": None}
+        self.last_eval: dict = {}
+        self.records: list[dict] = []
+        if checkpoint is not None:
+            self._load(checkpoint)
+        elif out is not None:
+            for name in (CHECKPOINT, SUMMARY, METRICS):
+                (out / name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ state
+    def _load(self, ck: dict) -> None:
+        if ck.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint in {str(self.out)!r} has an unknown format version {ck.get('version')!r}")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        self.generator.set_state(ck["data_rng"])
+        self.perm, self.pos, self.step, self.elapsed = ck["perm"], ck["pos"], ck["step"], ck["elapsed"]
+        self.reached, self.last_eval = dict(ck["reached"]), dict(ck["last_eval"])
+        path = self.out / METRICS
+        if path.is_file():  # drop lines written after the checkpoint
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+            self.records = [json.loads(line) for line in kept]
+            _atomic_write(path, "".join(line + "\n" for line in kept).encode())
+
+    def _save(self) -> None:
+        state = {
+            "version": CHECKPOINT_VERSION, "config": self.config, "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
+            "data_rng": self.generator.get_state(), "perm": self.perm, "pos": self.pos, "step": self.step,
+            "elapsed": self.elapsed, "reached": self.reached, "last_eval": self.last_eval,
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    # ------------------------------------------------------------ loop
+    def _evaluate(self, record: dict) -> None:
+        result = evaluate(self.task, self.model, self.data)
+        record.update(result)
+        self.last_eval = dict(result, step=self.step)
+        loss = result["full_train_loss"]
+        if self.reached["steps_to_target"] is None and math.isfinite(loss) and loss <= self.task.target_loss:
+            self.reached = {"steps_to_target": self.step, "time_to_target_s": self.elapsed}
+
+    def _write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.out is not None:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
+
+    def _batch(self):
+        if self.perm is None:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+        idx = self.perm[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+        self.pos += 1
+        if self.pos == self.steps_per_epoch:
+            self.perm, self.pos = None, 0
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    def _one_step(self) -> float:
+        x, y = self._batch()
+        self.opt.zero_grad(set_to_none=True)
+        output = self.model(x)
+        loss = self.task.loss(output, y)
+        value = float(loss)
+        if not math.isfinite(value):
+            return value
+        if self.spec.curvature:
+            self.opt.backward(loss, output)
+        else:
+            loss.backward()
+        self.opt.step()
+        return value
+
+    def loop(self, steps, epochs, time_budget) -> Run:
+        limits = [s for s in (steps, None if epochs is None else epochs * self.steps_per_epoch) if s is not None]
+        if not limits and time_budget is None:
+            limits = [self.task.default_epochs * self.steps_per_epoch]
+        limit = min(limits) if limits else None
+        bar = self._bar(limit)
+        if self.step == 0 and not self.records:
+            record = {"step": 0, "epoch": 0.0, "time_s": 0.0, "train_loss": None}
+            self._evaluate(record)
+            self._write(record)
+        stopped, diverged = "steps", False
+        try:
+            while True:
+                if limit is not None and self.step >= limit:
+                    stopped = "steps" if steps is not None and self.step >= steps else "epochs"
+                    break
+                if time_budget is not None and self.elapsed >= time_budget:
+                    stopped = "time_budget"
+                    break
+                start = time.perf_counter()
+                value = self._one_step()
+                self.elapsed += time.perf_counter() - start
+                self.step += 1
+                diverged = not math.isfinite(value)
+                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
+                          "time_s": self.elapsed, "train_loss": value}
+                last = diverged or (limit is not None and self.step >= limit) or \
+                    (time_budget is not None and self.elapsed >= time_budget)
+                if self.step % self.config["eval_every"] == 0 or last:
+                    self._evaluate(record)
+                self._write(record)
+                if self.out is not None and not diverged and self.step % self.checkpoint_every == 0:
+                    self._save()
+                self._update_bar(bar, value)
+                if diverged:
+                    stopped = "diverged"
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.last_eval.get("step") != self.step:  # e.g. resumed with nothing left to do
+            self._evaluate({})
+        if self.out is not None and not diverged:
+            self._save()
+        summary = self._summary(stopped, diverged)
+        if self.out is not None:
+            write_json(self.out / SUMMARY, summary)
+        return Run(summary, self.records)
+
+    def _bar(self, limit):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=limit, initial=self.step, file=sys.stderr, dynamic_ncols=True, leave=False,
+                    desc=f"{self.config['task']} {self.config['optimizer']}", unit="step")
+
+    def _update_bar(self, bar, value) -> None:
+        if bar is None:
+            return
+        bar.update(1)
+        if self.step % 10 == 0 or self.last_eval.get("step") == self.step:
+            post = {"epoch": f"{self.step / self.steps_per_epoch:.2f}", "loss": f"{value:.4g}"}
+            acc = self.last_eval.get("test_accuracy")
+            if acc is not None:
+                post["acc"] = f"{acc:.3f}"
+            post["time"] = f"{self.elapsed:.1f}s"
+            bar.set_postfix(post, refresh=False)
+
+    def _summary(self, stopped: str, diverged: bool) -> dict:
+        ev = self.last_eval
+        summary = {
+            **self.config, "target_loss": self.task.target_loss, "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch, "time_s": self.elapsed, "stopped_by": stopped,
+            "diverged": diverged, "final_train_loss": ev.get("full_train_loss"), "final_test_loss": ev.get("test_loss"),
+            "final_test_accuracy": ev.get("test_accuracy"), **self.reached,
+        }
+        if "test_reconstruction_error" in ev:
+            summary["final_test_reconstruction_error"] = ev["test_reconstruction_error"]
+        return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few human-readable lines for the command line."""
+    def num(x, fmt):
+        return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+    lines = [
+        f"{summary['task']} / {summary['optimizer']} (lr {summary['lr']:g}"
+        + (f", damping {summary['damping']:g}" if summary.get("damping") is not None else "")
+        + f", batch {summary['batch_size']}, seed {summary['seed']})",
+        f"  {summary['steps']} steps ({summary['epochs']:.2f} epochs) in {summary['time_s']:.2f} s of training"
+        f" (stopped by {summary['stopped_by']})",
+        f"  final train loss {num(summary['final_train_loss'], '.4g')}, test loss {num(summary['final_test_loss'], '.4g')}"
+        + (f", test accuracy {num(summary['final_test_accuracy'], '.4f')}" if summary.get("final_test_accuracy") is not None else "")
+        + (f", test reconstruction error {num(summary['final_test_reconstruction_error'], '.4g')}"
+           if "final_test_reconstruction_error" in summary else ""),
+        f"  target loss {summary['target_loss']:g}: "
+        + (f"reached at step {summary['steps_to_target']} after {summary['time_to_target_s']:.2f} s"
+           if summary["steps_to_target"] is not None else "not reached"),
+    ]
+    return "\n".join(lines)
