@@ -31,16 +31,26 @@ def _shared_parameter_owners(model: nn.Module) -> set[str]:
 
 @dataclass
 class LayerData:
-    """One adapter layer on one batch: ``inputs`` ā [N, T, G, D], ``grads`` g [N, K, T, G, O]."""
+    """One adapter layer on one batch: ``raw_inputs`` h [N, T, G, D_in], ``grads`` g [N, K, T, G, O].
+
+    ``inputs`` is ā = [h; 1] [N, T, G, D] (formed on first use).
+    """
 
     adapter: LayerAdapter
-    inputs: Tensor
+    raw_inputs: Tensor
     grads: Tensor
+    _inputs: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> Tensor:
+        if self._inputs is None:
+            self._inputs = self.adapter.homogeneous(self.raw_inputs)
+        return self._inputs
 
     @property
     def simple(self) -> bool:
         """One position and one group (a Linear on [N, in]): the factored fast paths apply."""
-        return self.inputs.shape[1] == 1 and self.inputs.shape[2] == 1
+        return self.raw_inputs.shape[1] == 1 and self.raw_inputs.shape[2] == 1
 
     def per_example(self) -> Tensor:
         return self.adapter.per_example_gradients(self.inputs, self.grads)

@@ -79,7 +79,7 @@ def _linear_gram_same(layer: LayerData) -> Tensor:
 
 def _matrix_to_flat(layer: LayerData) -> Tensor:
     """Row selector taking joint-matrix order (o, d) to flat parameter order."""
-    return torch.argsort(layer.adapter.flat_index()).to(layer.inputs.device)
+    return torch.argsort(layer.adapter.flat_index()).to(layer.grads.device)
 
 
 @lru_cache(maxsize=16)

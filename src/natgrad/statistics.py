@@ -86,14 +86,23 @@ class DiagonalBuilder(_Builder):
 
 
 def input_gram(layer: LayerData) -> Tensor:
-    """Σ_{n,t} ā ā ᵀ per group: [G, D, D]."""
-    n, t, g, d = layer.inputs.shape
-    x = layer.inputs.reshape(n * t, g, d)
+    """Σ_{n,t} ā ā ᵀ per group: [G, D, D]; the bias row/column are sums, not a product."""
+    n, t, g, d = layer.raw_inputs.shape
+    x = layer.raw_inputs.reshape(n * t, g, d)
     if g == 1:
         flat = x[:, 0, :]
-        return (flat.T @ flat).unsqueeze(0)
-    x = x.transpose(0, 1)
-    return x.mT @ x
+        gram = (flat.T @ flat).unsqueeze(0)
+    else:
+        x = x.transpose(0, 1)
+        gram = x.mT @ x
+    if not layer.adapter.has_bias:
+        return gram
+    sums = x.sum(0) if g == 1 else x.sum(1)  # [G, D_in]
+    sums = sums.reshape(g, d)
+    corner = torch.full((g, 1, 1), float(n * t), dtype=gram.dtype, device=gram.device)
+    top = torch.cat([gram, sums.unsqueeze(-1)], dim=-1)
+    bottom = torch.cat([sums.unsqueeze(-2), corner], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
 
 
 def output_gram(layer: LayerData) -> Tensor:
@@ -125,7 +134,7 @@ class KFACBuilder(_Builder):
                 self.output_sums[i] += g
             else:
                 self.input_sums[i], self.output_sums[i] = a, g
-                self.positions[i] = layer.inputs.shape[1]
+                self.positions[i] = layer.raw_inputs.shape[1]
                 self.adapters[i] = layer.adapter
 
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
@@ -161,7 +170,7 @@ class StoredBuilder(_Builder):
         if len(parts) == 1:
             return parts[0]
         return LayerData(
-            parts[0].adapter, torch.cat([p.inputs for p in parts]), torch.cat([p.grads for p in parts])
+            parts[0].adapter, torch.cat([p.raw_inputs for p in parts]), torch.cat([p.grads for p in parts])
         )
 
     def finish(self) -> FisherMatrix:

@@ -86,6 +86,7 @@ class Task:
     target_note: str
     eval_every: int  # default: full train/test evaluation every this many steps
     default_epochs: int
+    compare_budget: float  # default seconds of training per run in ``natgrad compare``
     needs_mnist: bool = False
 
     @property
@@ -106,8 +107,8 @@ class Task:
     def metric_sums(self, out: Tensor, y: Tensor) -> dict[str, float]:
         """Sums over the examples of ``out`` (divided by N by the caller)."""
         if self.classifier:
-            return {"accuracy": float((out.argmax(1) == y).sum())}
-        return {"reconstruction_error": float((torch.sigmoid(out) - y).pow(2).sum())}
+            return {"accuracy": float((out.detach().argmax(1) == y).sum())}
+        return {"reconstruction_error": float((torch.sigmoid(out.detach()) - y).pow(2).sum())}
 
 
 # --------------------------------------------------------------------------- models
@@ -240,35 +241,35 @@ TASKS: dict[str, Task] = {
         name="digits-mlp", description="sklearn 8x8 digits, MLP 64-32-10 tanh",
         load_fn=_digits, model_fn=lambda: _mlp([64, 32, 10], nn.Tanh), likelihood="categorical",
         batch_size=128, target_loss=0.05, target_note="mean cross-entropy 0.05 on the training split (contract)",
-        eval_every=5, default_epochs=20),
+        eval_every=5, default_epochs=20, compare_budget=3.0),
     "mnist1d-mlp": _task(
         name="mnist1d-mlp", description="MNIST-1D, residual MLP 40-100-100(res)-10 ReLU",
         load_fn=_mnist1d, model_fn=ResidualMLP, likelihood="categorical",
         batch_size=100, target_loss=0.1, target_note="mean cross-entropy 0.1 on the 4000 training signals (PAPERS.md T4)",
-        eval_every=25, default_epochs=25),
+        eval_every=25, default_epochs=25, compare_budget=10.0),
     "mnist1d-cnn": _task(
         name="mnist1d-cnn", description="MNIST-1D, CNN 3x conv(1,k) 25ch (as Conv2d) + Linear(125,10)",
         load_fn=_mnist1d, model_fn=ConvNet1D, likelihood="categorical",
         batch_size=100, target_loss=0.1, target_note="mean cross-entropy 0.1 on the 4000 training signals",
-        eval_every=25, default_epochs=25),
+        eval_every=25, default_epochs=25, compare_budget=10.0),
     "mnist-mlp": _task(
         name="mnist-mlp", description="MNIST, MLP 784-256-128-10 ReLU",
         load_fn=_mnist_loader(flatten=True, normalize=True), model_fn=lambda: _mlp([784, 256, 128, 10], nn.ReLU),
         likelihood="categorical", batch_size=128, target_loss=0.05,
-        target_note="mean cross-entropy 0.05 on the training split", eval_every=50, default_epochs=5,
+        target_note="mean cross-entropy 0.05 on the training split", eval_every=50, default_epochs=5, compare_budget=30.0,
         needs_mnist=True),
     "mnist-cnn": _task(
         name="mnist-cnn", description="MNIST, CNN conv5(16)-pool-conv5(32)-pool-Linear(512,10)",
         load_fn=_mnist_loader(flatten=False, normalize=True), model_fn=mnist_cnn,
         likelihood="categorical", batch_size=128, target_loss=0.05,
-        target_note="mean cross-entropy 0.05 on the training split", eval_every=50, default_epochs=5,
+        target_note="mean cross-entropy 0.05 on the training split", eval_every=50, default_epochs=5, compare_budget=30.0,
         needs_mnist=True),
     "mnist-autoencoder": _task(
         name="mnist-autoencoder", description="MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 sigmoid",
         load_fn=_mnist_loader(flatten=True, normalize=False, autoencoder=True), model_fn=mnist_autoencoder,
         likelihood="bernoulli", batch_size=250, target_loss=100.0,
         target_note="reconstruction NLL 100 nats per image (summed pixel BCE, mean over images) on the training split",
-        eval_every=50, default_epochs=5, needs_mnist=True),
+        eval_every=50, default_epochs=5, compare_budget=120.0, needs_mnist=True),
 }
 
 

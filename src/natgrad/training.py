@@ -17,7 +17,7 @@ The target loss is reached at the first evaluation whose full training loss is â
 target, so ``steps_to_target`` has the resolution of ``eval_every``.
 
 Optimizers are a small registry (:data:`OPTIMIZERS`); adding one is one line, e.g.
-``OPTIMIZERS["prong"] = OptimizerSpec(_natgrad("PRONG"), default_lr=..., lr_grid=(...), curvature=True, default_damping=...)``.
+``OPTIMIZERS["prong"] = OptimizerSpec(_natgrad("PRONG"), lr_grid=(0.1, 0.3, 1.0), curvature=True)``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import nn
 from .tasks import Data, Task, get_task
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
-           "evaluate", "write_json"]
+           "evaluate", "write_json", "checkpoint_config", "format_summary"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -49,34 +49,31 @@ CHECKPOINT_VERSION = 1
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """``make(model, task, lr, damping)``; ``curvature`` optimizers train with
-    ``opt.backward(loss, output)`` and take a damping; ``lr_grid`` is what ``compare`` tries."""
+    """``make(model, task, lr, damping)`` (``None``: the optimizer's own default); ``curvature``
+    optimizers train with ``opt.backward(loss, output)`` and take a damping; ``lr_grid`` is what
+    ``compare`` tries. The lr/damping actually used are read back from ``param_groups[0]``."""
 
-    make: Callable[[nn.Module, Task, float, float | None], torch.optim.Optimizer]
-    default_lr: float
+    make: Callable[[nn.Module, Task, float | None, float | None], torch.optim.Optimizer]
     lr_grid: tuple[float, ...]
     curvature: bool = False
-    default_damping: float | None = None
 
 
 def _natgrad(class_name: str, **options):
-    def make(model: nn.Module, task: Task, lr: float, damping: float | None):
+    def make(model: nn.Module, task: Task, lr: float | None, damping: float | None):
         import natgrad.optim as optim
 
-        return getattr(optim, class_name)(model, lr=lr, damping=damping, likelihood=task.likelihood,
-                                          estimator="mc", **options)
+        given = {k: v for k, v in (("lr", lr), ("damping", damping)) if v is not None}
+        return getattr(optim, class_name)(model, likelihood=task.likelihood, estimator="mc", **given, **options)
 
     return make
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(lambda m, t, lr, d: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
-                         default_lr=0.1, lr_grid=(0.03, 0.1, 0.3)),
-    "adam": OptimizerSpec(lambda m, t, lr, d: torch.optim.Adam(m.parameters(), lr=lr),
-                          default_lr=3e-3, lr_grid=(1e-3, 3e-3, 1e-2)),
-    "kfac": OptimizerSpec(_natgrad("KFAC"), default_lr=1.0, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-3),
-    "ekfac": OptimizerSpec(_natgrad("EKFAC"), default_lr=1.0, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-3),
-    "ngd": OptimizerSpec(_natgrad("NGD"), default_lr=0.3, lr_grid=(0.1, 0.3, 1.0), curvature=True, default_damping=1e-1),
+    "sgd": OptimizerSpec(lambda m, t, lr, d: torch.optim.SGD(m.parameters(), lr=lr or 0.1, momentum=0.9), (0.03, 0.1, 0.3)),
+    "adam": OptimizerSpec(lambda m, t, lr, d: torch.optim.Adam(m.parameters(), lr=lr or 3e-3), (1e-3, 3e-3, 1e-2)),
+    "kfac": OptimizerSpec(_natgrad("KFAC"), (0.1, 0.3, 1.0), curvature=True),
+    "ekfac": OptimizerSpec(_natgrad("EKFAC"), (0.1, 0.3, 1.0), curvature=True),
+    "ngd": OptimizerSpec(_natgrad("NGD"), (0.1, 0.3, 1.0), curvature=True),
 }
 
 
@@ -130,7 +127,10 @@ def prepare_out(out: Path) -> None:
     """Create ``out`` and check that files can be written in it (ValueError/OSError otherwise)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {str(out)!r} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output directory {str(out)!r}: {exc.strerror or exc}") from None
     probe = out / ".natgrad-write-test"
     try:
         probe.write_bytes(b"")
@@ -161,6 +161,14 @@ def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dic
             if "reconstruction_error" in sums:
                 result["test_reconstruction_error"] = sums["reconstruction_error"] / n
     return result
+
+
+def checkpoint_config(out) -> dict | None:
+    """The configuration (task, optimizer, lr, ...) of the run checkpointed in ``out``, if any."""
+    path = Path(out).expanduser() / CHECKPOINT
+    if not path.is_file():
+        return None
+    return dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -222,8 +230,6 @@ def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None,
                                  f"not {value!r}; drop the option or use another output directory")
         lr, damping, batch_size, seed = config["lr"], config["damping"], config["batch_size"], config["seed"]
         eval_every = eval_every or config["eval_every"]
-    lr = lr if lr is not None else spec.default_lr
-    damping = damping if damping is not None else spec.default_damping
     batch_size = batch_size or task.batch_size
     seed = 0 if seed is None else seed
     eval_every = eval_every or task.eval_every
@@ -246,6 +252,8 @@ class _Trainer:
         torch.manual_seed(config["seed"])
         self.model = task.make_model()
         self.opt = spec.make(self.model, task, config["lr"], config["damping"])
+        group = self.opt.param_groups[0]
+        config["lr"], config["damping"] = float(group["lr"]), (float(group["damping"]) if spec.curvature else None)
         self.generator = torch.Generator().manual_seed(config["seed"])
         self.perm, self.pos, self.step, self.elapsed = None, 0, 0, 0.0
         self.reached: dict = {"steps_to_target": None, "time_to_target_s": None}
@@ -314,7 +322,7 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
         output = self.model(x)
         loss = self.task.loss(output, y)
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             return value
         if self.spec.curvature:

@@ -151,7 +151,135 @@ def _run_report(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_report,)
+# --------------------------------------------------------------------------- train / compare
+# Names and numbers are validated by natgrad.training / natgrad.compare (ValueError), so bad
+# input reads "natgrad: error: ..." (exit 2) before anything is written.
+
+def _finite_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                   help="torch intra-op threads (default 1: these models are small, and on a "
+                        "busy shared machine 2 threads made each step ~100x slower)")
+
+
+def _with_threads(handler):
+    """Run ``handler(args)`` with ``--threads`` intra-op threads, restoring the previous count."""
+    def run(args) -> int:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return handler(args)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def _add_mnist_dir(p) -> None:
+    p.add_argument("--mnist-dir", type=Path, metavar="DIR",
+                   help="folder of the MNIST IDX .gz files for the mnist-* tasks (default: "
+                        "shared/data/mnist next to the repository root, if present)")
+
+
+def _add_train(subparsers) -> None:
+    from ..tasks import DEFAULT_TASK, TASKS
+    from ..training import OPTIMIZERS
+
+    p = subparsers.add_parser(
+        "train", help="train a built-in task with one optimizer (metrics, checkpoints, resume)",
+        description="Train a built-in task; writes DIR/metrics.jsonl (one line per step), "
+                    "DIR/checkpoint.pt (every --checkpoint-every steps and at the end) and "
+                    "DIR/summary.json. Stops at the first of --steps, --epochs and --budget "
+                    "(default: the task's default number of epochs).")
+    p.add_argument("--task", metavar="T",
+                   help=f"task (default {DEFAULT_TASK}, or the checkpoint's with --resume; one of {', '.join(TASKS)})")
+    p.add_argument("--optimizer", metavar="O",
+                   help=f"optimizer (default kfac, or the checkpoint's with --resume; one of {', '.join(OPTIMIZERS)})")
+    p.add_argument("--steps", type=int, metavar="N", help="total training steps")
+    p.add_argument("--epochs", type=int, metavar="E", help="total training epochs")
+    p.add_argument("--budget", type=_finite_float, metavar="S", help="seconds of training time")
+    p.add_argument("--batch-size", type=int, metavar="B", help="batch size (default: the task's)")
+    p.add_argument("--lr", type=_finite_float, metavar="X", help="learning rate (default: the optimizer's)")
+    p.add_argument("--damping", type=_finite_float, metavar="X",
+                   help="damping of kfac/ekfac/ngd (default: the optimizer's)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of initialisation, sampling and data order (default 0)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="checkpoint every N steps (default 100)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help=f"output directory (default {DEFAULT_OUT}/train-TASK-OPTIMIZER)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_mnist_dir(p)
+    _add_threads(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_with_threads(_run_train))
+
+
+def _run_train(args) -> int:
+    from ..tasks import DEFAULT_TASK
+    from ..training import checkpoint_config, format_summary, train
+
+    task, optimizer = args.task or DEFAULT_TASK, args.optimizer or "kfac"
+    out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"train-{task}-{optimizer}"
+    if args.resume and (args.task is None or args.optimizer is None):
+        config = checkpoint_config(out) or {}
+        task, optimizer = args.task or config.get("task", task), args.optimizer or config.get("optimizer", optimizer)
+    summary = train(task, optimizer, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                    lr=args.lr, damping=args.damping, seed=args.seed, out=out, resume=args.resume,
+                    time_budget=args.budget, progress=_progress_enabled(args), eval_every=args.eval_every,
+                    checkpoint_every=args.checkpoint_every, mnist_dir=args.mnist_dir)
+    print(format_summary(summary))
+    print(f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}, {out / 'summary.json'}")
+    return 0
+
+
+def _add_compare(subparsers) -> None:
+    from ..compare import DEFAULT_OPTIMIZERS
+    from ..tasks import DEFAULT_TASK, TASKS
+
+    p = subparsers.add_parser(
+        "compare", help="compare optimizers on a task under the same time budget",
+        description="For each optimizer, try a small learning-rate grid with the same budget of "
+                    "training time per run, keep the lr with the lowest final training loss and "
+                    "write DIR/results.md, DIR/loss_vs_time.png, DIR/loss_vs_steps.png, "
+                    "DIR/summary.json (and DIR/runs.json, every run's curve).")
+    p.add_argument("--task", default=DEFAULT_TASK, metavar="T",
+                   help=f"task (default {DEFAULT_TASK}; one of {', '.join(TASKS)})")
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), metavar="O[,O...]",
+                   help=f"comma-separated optimizers (default {','.join(DEFAULT_OPTIMIZERS)})")
+    p.add_argument("--budget", type=_finite_float, metavar="SECONDS",
+                   help="training seconds per run (default: the task's, 3 s for digits-mlp)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K", help="seeds per run (default 1; medians reported)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
+    p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/compare-TASK)")
+    _add_mnist_dir(p)
+    _add_threads(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_with_threads(_run_compare))
+
+
+def _run_compare(args) -> int:
+    import time
+
+    from ..compare import compare
+
+    out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"compare-{args.task}"
+    started = time.perf_counter()
+    compare(args.task, args.optimizers, budget=args.budget, out=out, seeds=args.seeds,
+            progress=_progress_enabled(args), verbose=True, mnist_dir=args.mnist_dir, eval_every=args.eval_every)
+    names = ", ".join(str(out / n) for n in ("results.md", "loss_vs_time.png", "loss_vs_steps.png", "summary.json"))
+    print(f"\nwrote {names} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+SUBCOMMANDS = (_add_report, _add_train, _add_compare)
 
 
 # --------------------------------------------------------------------------- entry point

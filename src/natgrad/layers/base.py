@@ -5,7 +5,9 @@ shape ``[O, D]``, where ``D`` counts the bias as a homogeneous input coordinate:
 is ``[W | b]`` and the input ``ā = [h; 1]``. A layer call is ``T`` applications of that matrix
 (``T`` = spatial positions of a convolution, extra leading dimensions of a Linear), so:
 
-* :meth:`layer_inputs` maps the captured module input to ``ā`` of shape ``[N, T, G, D]``;
+* :meth:`layer_inputs` maps the captured module input to h of shape ``[N, T, G, D_in]``, and
+  :meth:`homogeneous` appends the bias coordinate: ``ā = [h; 1]`` of shape ``[N, T, G, D]``
+  (kept apart because odd widths such as 785 make matrix products several times slower);
 * :meth:`output_grads` maps ∂(·)/∂output to ``g`` of shape ``[N, T, G, O]``;
 * the per-example gradient of the joint matrix is ``Γ_n = Σ_t g_nt ā_ntᵀ`` (``[G, O, D]``);
 * :meth:`to_matrix` / :meth:`from_matrix` convert between the layer's slice of the flat
@@ -47,13 +49,14 @@ class LayerAdapter(ABC):
 
     @abstractmethod
     def layer_inputs(self, inputs: Tensor) -> Tensor:
-        """ā ``[N, T, G, D]`` from the module's input (with a trailing 1 when there is a bias)."""
+        """h ``[N, T, G, D_in]`` from the module's input (without the bias coordinate)."""
 
     @abstractmethod
     def output_grads(self, grad_output: Tensor) -> Tensor:
         """g ``[N, T, G, O]`` from a gradient with the shape of the module's output."""
 
-    def _append_one(self, x: Tensor) -> Tensor:
+    def homogeneous(self, x: Tensor) -> Tensor:
+        """ā = [h; 1] when the layer has a bias, else h."""
         if not self.has_bias:
             return x
         return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)

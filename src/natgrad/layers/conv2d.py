@@ -14,7 +14,7 @@ from .base import LayerAdapter
 
 
 class Conv2dAdapter(LayerAdapter):
-    """ā ``[N, T, G, C_in/G·kh·kw (+1)]`` with T = H_out · W_out; g ``[N, T, G, C_out/G]``."""
+    """h ``[N, T, G, C_in/G·kh·kw]`` with T = H_out · W_out; g ``[N, T, G, C_out/G]``."""
 
     module: nn.Conv2d
 
@@ -30,7 +30,7 @@ class Conv2dAdapter(LayerAdapter):
         patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         n, _, positions = patches.shape
         patches = patches.view(n, self.groups, self.group_in, positions).permute(0, 3, 1, 2)
-        return self._append_one(patches)
+        return patches
 
     def output_grads(self, grad_output: Tensor) -> Tensor:
         n = grad_output.shape[0]

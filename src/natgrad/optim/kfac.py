@@ -101,7 +101,7 @@ class KFAC(CurvatureOptimizer):
         decay = self._decay()
         for i, layer in batch.layers.items():
             state = self._layer_state(i)
-            positions = layer.inputs.shape[1]
+            positions = layer.raw_inputs.shape[1]
             self._average(state, "A", input_gram(layer) / (batch.examples * positions), decay)
             self._average(state, "G", output_gram(layer) / batch.examples, decay)
         for i, grads in batch.generic.items():

@@ -1,0 +1,192 @@
+"""Compare optimizers on one task under the same training-time budget.
+
+For every optimizer, each learning rate of a small grid (:attr:`OptimizerSpec.lr_grid`, three
+values around the optimizer's default) is run for ``budget`` seconds of training time (evaluation
+excluded) and ``seeds`` seeds; the learning rate with the lowest final full training loss
+(median over seeds; a diverged run counts as +inf) is kept. Writes to ``out``:
+
+* ``results.md`` — a markdown table per optimizer: lr, steps and seconds to the task's fixed
+  target training loss, final train loss, test loss, test accuracy; then every run of the
+  learning-rate search;
+* ``loss_vs_time.png``, ``loss_vs_steps.png`` — full training loss of the chosen runs (log
+  scale) against training time and steps, with the target as a dashed line;
+* ``summary.json`` — exactly ``{optimizer: {"lr", "steps_to_target", "time_to_target_s",
+  "final_train_loss", "final_test_accuracy"}}`` (medians over seeds; ``null`` where the target
+  was not reached by the median seed, or where there is no accuracy);
+* ``runs.json`` — every run's summary and evaluation curve (for re-plotting).
+
+Steps/time to target have the resolution of the task's evaluation interval.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .tasks import get_task
+from .training import OPTIMIZERS, _atomic_write, _positive, get_optimizer, prepare_out, run, write_json
+
+__all__ = ["compare", "DEFAULT_OPTIMIZERS", "SUMMARY_KEYS"]
+
+DEFAULT_OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "ngd")
+SUMMARY_KEYS = ("lr", "steps_to_target", "time_to_target_s", "final_train_loss", "final_test_accuracy")
+
+
+def _median(values):
+    """Median with None/NaN as +inf; None if the median is not finite."""
+    clean = [math.inf if v is None or not math.isfinite(v) else float(v) for v in values]
+    value = statistics.median(clean) if clean else math.inf
+    return value if math.isfinite(value) else None
+
+
+def _check_grid(lr_grid, optimizers) -> dict[str, tuple[float, ...]]:
+    grid = {}
+    extra = set(lr_grid or {}) - set(optimizers)
+    if extra:
+        raise ValueError(f"lr_grid names optimizers that are not compared: {', '.join(sorted(extra))}")
+    for name in optimizers:
+        values = (lr_grid or {}).get(name, get_optimizer(name).lr_grid)
+        if isinstance(values, (int, float)):
+            values = (values,)
+        values = tuple(values)
+        if not values:
+            raise ValueError(f"the learning-rate grid of {name!r} is empty")
+        for lr in values:
+            _positive(f"learning rate of {name!r}", lr)
+        grid[name] = values
+    return grid
+
+
+def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=None, seeds=1, lr_grid=None,
+            progress=True, verbose=True, mnist_dir=None, eval_every=None) -> dict:
+    """Run the comparison; returns the ``summary.json`` dict (written with the other files to
+    ``out`` if given) and prints the table if ``verbose``. ``budget``: seconds of training per
+    run (default: the task's ``compare_budget``); ``lr_grid``: ``{optimizer: [lr, ...]}``
+    overriding the built-in grids."""
+    task = get_task(task)
+    if isinstance(optimizers, str):
+        optimizers = [o.strip() for o in optimizers.split(",") if o.strip()]
+    optimizers = list(dict.fromkeys(optimizers))
+    if not optimizers:
+        raise ValueError("no optimizer to compare")
+    for name in optimizers:
+        get_optimizer(name)
+    grid = _check_grid(lr_grid, optimizers)
+    budget = _positive("budget", budget) or task.compare_budget
+    _positive("seeds", seeds, integer=True)
+    _positive("eval_every", eval_every, integer=True)
+    data = task.load(mnist_dir)
+    out = None if out is None else Path(out).expanduser()
+    if out is not None:
+        prepare_out(out)
+
+    started = time.perf_counter()
+    total = sum(len(v) for v in grid.values()) * seeds
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False, desc=f"compare {task.name}", unit="run")
+    runs: dict[str, dict[float, list]] = {name: {} for name in optimizers}
+    try:
+        for name in optimizers:
+            for lr in grid[name]:
+                for seed in range(seeds):
+                    if bar is not None:
+                        bar.set_postfix_str(f"{name} lr={lr:g} seed={seed}")
+                    result = run(task, name, lr=lr, seed=seed, time_budget=budget, progress=False, data=data,
+                                 eval_every=eval_every)
+                    runs[name].setdefault(lr, []).append(result)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - started
+
+    summary, rows, chosen = {}, {}, {}
+    for name in optimizers:
+        best = min(grid[name], key=lambda lr: _median([r.summary["final_train_loss"] for r in runs[name][lr]]) or math.inf)
+        chosen[name] = best
+        sums = [r.summary for r in runs[name][best]]
+        summary[name] = {
+            "lr": best,
+            "steps_to_target": _median([s["steps_to_target"] for s in sums]),
+            "time_to_target_s": _median([s["time_to_target_s"] for s in sums]),
+            "final_train_loss": _median([s["final_train_loss"] for s in sums]),
+            "final_test_accuracy": _median([s["final_test_accuracy"] for s in sums]) if task.classifier else None,
+        }
+        if summary[name]["steps_to_target"] is not None:
+            summary[name]["steps_to_target"] = int(summary[name]["steps_to_target"])
+        rows[name] = dict(summary[name], test_loss=_median([s["final_test_loss"] for s in sums]),
+                          steps=_median([s["steps"] for s in sums]))
+    table = _markdown(task, budget, seeds, grid, rows, runs, wall)
+    if verbose:
+        print(table, end="")
+    if out is not None:
+        _write_outputs(out, task, summary, table, runs, chosen)
+    return summary
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _markdown(task, budget, seeds, grid, rows, runs, wall) -> str:
+    seed_text = "1 seed" if seeds == 1 else f"{seeds} seeds (medians)"
+    lines = [
+        f"# natgrad compare: {task.name}", "",
+        f"{task.description}. Target: {task.target_note}.",
+        f"Budget {budget:g} s of training time per run (evaluation excluded), {seed_text}; "
+        f"learning rate picked from the grid by the final full training loss. Total wall time {wall:.1f} s.", "",
+        "| optimizer | lr | steps to target | time to target (s) | final train loss | test loss | test accuracy | steps run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['lr']:g} | {_fmt(row['steps_to_target'], 'd')} | {_fmt(row['time_to_target_s'], '.2f')} "
+            f"| {_fmt(row['final_train_loss'], '.4g')} | {_fmt(row['test_loss'], '.4g')} "
+            f"| {_fmt(row['final_test_accuracy'], '.4f')} | {_fmt(row['steps'], '.0f')} |")
+    lines += ["", "Learning-rate search (final full training loss, median over seeds; steps run):", "",
+              "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(max(len(v) for v in grid.values()))) + " |",
+              "|---|" + "---|" * max(len(v) for v in grid.values())]
+    for name, lrs in grid.items():
+        cells = []
+        for lr in lrs:
+            sums = [r.summary for r in runs[name][lr]]
+            loss = _median([s["final_train_loss"] for s in sums])
+            diverged = any(s["diverged"] for s in sums)
+            cells.append(f"{lr:g}: {_fmt(loss, '.3g')}{' (diverged)' if diverged else ''} ({_fmt(_median([s['steps'] for s in sums]), '.0f')})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out: Path, task, summary, table, runs, chosen) -> None:
+    from .plots import plot_loss_curves
+
+    curves_time, curves_steps, labels = {}, {}, {}
+    for name, lr in chosen.items():
+        labels[name] = f"{name} (lr {lr:g})"
+        evals = [[r for r in result.records if "full_train_loss" in r] for result in runs[name][lr]]
+        curves_time[name] = [([r["time_s"] for r in ev], [r["full_train_loss"] for r in ev]) for ev in evals]
+        curves_steps[name] = [([r["step"] for r in ev], [r["full_train_loss"] for r in ev]) for ev in evals]
+    title = f"{task.name}: full training loss (best lr per optimizer)"
+    ylabel = "training loss" if task.classifier else "training NLL per image"
+    plot_loss_curves(curves_time, out / "loss_vs_time.png", xlabel="training time (s)", ylabel=ylabel,
+                     title=title, target=task.target_loss, labels=labels)
+    plot_loss_curves(curves_steps, out / "loss_vs_steps.png", xlabel="step (log scale)", ylabel=ylabel,
+                     title=title, target=task.target_loss, labels=labels, logx=True)
+    detail = {name: {str(lr): [{"summary": r.summary,
+                                "evaluations": [r2 for r2 in r.records if "full_train_loss" in r2]} for r in results]
+                     for lr, results in by_lr.items()} for name, by_lr in runs.items()}
+    write_json(out / "runs.json", detail)
+    _atomic_write(out / "results.md", table.encode())
+    write_json(out / "summary.json", summary)
+
+
+assert set(DEFAULT_OPTIMIZERS) <= set(OPTIMIZERS)
