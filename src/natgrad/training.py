@@ -37,7 +37,7 @@ from torch import nn
 from .tasks import Data, Task, get_task
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
-           "evaluate", "write_json", "checkpoint_config", "format_summary"]
+           "evaluate", "write_json", "checkpoint_config"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -143,24 +143,15 @@ def prepare_out(out: Path) -> None:
 def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dict:
     """Full training loss, test loss and the task's metric, without gradients (the optimizers'
     hooks only record when grad is enabled)."""
-    result = {}
-    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        total, sums = 0.0, {}
+    sums = {"full_train_loss": 0.0, "test_loss": 0.0}
+    for key, x, y in (("full_train_loss", data.x_train, data.y_train), ("test_loss", data.x_test, data.y_test)):
         for i in range(0, x.shape[0], chunk):
             out = model(x[i:i + chunk])
-            total += float(task.loss(out, y[i:i + chunk])) * out.shape[0]
-            if split == "test":
-                for k, v in task.metric_sums(out, y[i:i + chunk]).items():
-                    sums[k] = sums.get(k, 0.0) + v
-        n = x.shape[0]
-        if split == "train":
-            result["full_train_loss"] = total / n
-        else:
-            result["test_loss"] = total / n
-            result["test_accuracy"] = sums["accuracy"] / n if "accuracy" in sums else None
-            if "reconstruction_error" in sums:
-                result["test_reconstruction_error"] = sums["reconstruction_error"] / n
-    return result
+            sums[key] += float(task.loss(out, y[i:i + chunk])) * out.shape[0] / x.shape[0]
+            for name, value in (task.metric_sums(out, y[i:i + chunk]).items() if key == "test_loss" else ()):
+                sums["test_" + name] = sums.get("test_" + name, 0.0) + value / x.shape[0]
+    sums.setdefault("test_accuracy", None)
+    return sums
 
 
 def checkpoint_config(out) -> dict | None:
@@ -235,8 +226,6 @@ def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None,
     eval_every = eval_every or task.eval_every
     if data is None:
         data = task.load(mnist_dir)
-    if out is not None:
-        prepare_out(out)
     config = {"task": task.name, "optimizer": optimizer, "lr": lr, "damping": damping, "batch_size": batch_size,
               "seed": seed, "eval_every": eval_every}
     return _Trainer(task, spec, data, config, out, checkpoint, checkpoint_every, progress).loop(steps, epochs, time_budget)
@@ -254,6 +243,8 @@ class _Trainer:
         self.opt = spec.make(self.model, task, config["lr"], config["damping"])
         group = self.opt.param_groups[0]
         config["lr"], config["damping"] = float(group["lr"]), (float(group["damping"]) if spec.curvature else None)
+        if out is not None:  # only now: bad input must leave nothing behind
+            prepare_out(out)
         self.generator = torch.Generator().manual_seed(config["seed"])
         self.perm, self.pos, self.step, self.elapsed = None, 0, 0, 0.0
         self.reached: dict = {"steps_to_target": None, "time_to_target_s": None}
@@ -412,25 +403,3 @@ class _Trainer:
         if "test_reconstruction_error" in ev:
             summary["final_test_reconstruction_error"] = ev["test_reconstruction_error"]
         return summary
-
-
-def format_summary(summary: dict) -> str:
-    """A few human-readable lines for the command line."""
-    def num(x, fmt):
-        return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
-
-    lines = [
-        f"{summary['task']} / {summary['optimizer']} (lr {summary['lr']:g}"
-        + (f", damping {summary['damping']:g}" if summary.get("damping") is not None else "")
-        + f", batch {summary['batch_size']}, seed {summary['seed']})",
-        f"  {summary['steps']} steps ({summary['epochs']:.2f} epochs) in {summary['time_s']:.2f} s of training"
-        f" (stopped by {summary['stopped_by']})",
-        f"  final train loss {num(summary['final_train_loss'], '.4g')}, test loss {num(summary['final_test_loss'], '.4g')}"
-        + (f", test accuracy {num(summary['final_test_accuracy'], '.4f')}" if summary.get("final_test_accuracy") is not None else "")
-        + (f", test reconstruction error {num(summary['final_test_reconstruction_error'], '.4g')}"
-           if "final_test_reconstruction_error" in summary else ""),
-        f"  target loss {summary['target_loss']:g}: "
-        + (f"reached at step {summary['steps_to_target']} after {summary['time_to_target_s']:.2f} s"
-           if summary["steps_to_target"] is not None else "not reached"),
-    ]
-    return "\n".join(lines)

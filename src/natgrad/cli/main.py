@@ -222,9 +222,31 @@ def _add_train(subparsers) -> None:
     p.set_defaults(handler=_with_threads(_run_train))
 
 
+def format_train_summary(summary: dict) -> str:
+    """A few human-readable lines for the command line."""
+    def num(x, fmt):
+        return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+    lines = [
+        f"{summary['task']} / {summary['optimizer']} (lr {summary['lr']:g}"
+        + (f", damping {summary['damping']:g}" if summary.get("damping") is not None else "")
+        + f", batch {summary['batch_size']}, seed {summary['seed']})",
+        f"  {summary['steps']} steps ({summary['epochs']:.2f} epochs) in {summary['time_s']:.2f} s of training"
+        f" (stopped by {summary['stopped_by']})",
+        f"  final train loss {num(summary['final_train_loss'], '.4g')}, test loss {num(summary['final_test_loss'], '.4g')}"
+        + (f", test accuracy {num(summary['final_test_accuracy'], '.4f')}" if summary.get("final_test_accuracy") is not None else "")
+        + (f", test reconstruction error {num(summary['final_test_reconstruction_error'], '.4g')}"
+           if "final_test_reconstruction_error" in summary else ""),
+        f"  target loss {summary['target_loss']:g}: "
+        + (f"reached at step {summary['steps_to_target']} after {summary['time_to_target_s']:.2f} s"
+           if summary["steps_to_target"] is not None else "not reached"),
+    ]
+    return "\n".join(lines)
+
+
 def _run_train(args) -> int:
     from ..tasks import DEFAULT_TASK
-    from ..training import checkpoint_config, format_summary, train
+    from ..training import checkpoint_config, train
 
     task, optimizer = args.task or DEFAULT_TASK, args.optimizer or "kfac"
     out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"train-{task}-{optimizer}"
@@ -235,7 +257,7 @@ def _run_train(args) -> int:
                     lr=args.lr, damping=args.damping, seed=args.seed, out=out, resume=args.resume,
                     time_budget=args.budget, progress=_progress_enabled(args), eval_every=args.eval_every,
                     checkpoint_every=args.checkpoint_every, mnist_dir=args.mnist_dir)
-    print(format_summary(summary))
+    print(format_train_summary(summary))
     print(f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}, {out / 'summary.json'}")
     return 0
 

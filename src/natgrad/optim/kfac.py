@@ -39,6 +39,17 @@ def damped_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
     return inverse.to(matrix.dtype)
 
 
+def right_multiply(matrix: Tensor, factor: Tensor, has_bias: bool) -> Tensor:
+    """[W | b] @ factor per group, without products of the odd width D_in + 1: with
+    factor = [[P, q], [sᵀ, r]], the result is [W P + b sᵀ | W q + b r]."""
+    if not has_bias:
+        return matrix @ factor
+    weight, bias = matrix[..., :-1], matrix[..., -1:]
+    p, q = factor[..., :-1, :-1], factor[..., :-1, -1:]
+    s, r = factor[..., -1:, :-1], factor[..., -1:, -1:]
+    return torch.cat([weight @ p + bias @ s, weight @ q + bias @ r], dim=-1)
+
+
 class KFAC(CurvatureOptimizer):
     """K-FAC optimizer. ``KFAC(model, likelihood=...)`` has working defaults.
 
@@ -135,7 +146,7 @@ class KFAC(CurvatureOptimizer):
             values_g, vectors_g = state["eig_G"]
             scale = values_g.unsqueeze(-1) * values_a.unsqueeze(-2) + self.damping_of(i)
             return vectors_g @ ((vectors_g.mT @ matrix @ vectors_a) / scale) @ vectors_a.mT
-        return state["G_inv"] @ matrix @ state["A_inv"]
+        return state["G_inv"] @ right_multiply(matrix, state["A_inv"], self.adapters[i].has_bias)
 
     def _direction(self, grads: Tensor) -> Tensor:
         pieces = []
