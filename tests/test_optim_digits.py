@@ -1,0 +1,100 @@
+"""Defaults that work: on scikit-learn's digits (pixels / 16, all 1,797 images as the training
+set), the MLP Linear(64, 32)-Tanh-Linear(32, 10) with batches of 128 reaches a lower
+full-training-set cross-entropy after 200 steps with ``KFAC(model, likelihood="categorical")``
+(no other argument) than with ``torch.optim.Adam`` and its defaults — same initial weights,
+same batch sequence, several seeds. EKFAC too; NGD (slow: a dense 2,410² Fisher per step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from test_optim_helpers import optim, single_thread
+
+assert single_thread
+
+STEPS = 200
+BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def digits():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    bunch = sklearn_datasets.load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32) / 16
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    assert x.shape == (1797, 64) and float(x.max()) == 1.0
+    return x, y
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def batch_indices(n, seed, steps=STEPS):
+    """Epochs of a fixed random permutation, full batches only."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[i : i + BATCH] for i in range(0, n - BATCH + 1, BATCH))
+    return out[:steps]
+
+
+def full_loss(model, x, y):
+    with torch.no_grad():
+        return float(TF.cross_entropy(model(x), y))
+
+
+_ADAM: dict[int, float] = {}
+
+
+def train_adam(x, y, seed):
+    if seed in _ADAM:
+        return _ADAM[seed]
+    model = make_model(seed)
+    opt = torch.optim.Adam(model.parameters())
+    for idx in batch_indices(len(x), seed):
+        opt.zero_grad()
+        TF.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    _ADAM[seed] = full_loss(model, x, y)
+    return _ADAM[seed]
+
+
+def train_natgrad(name, x, y, seed, steps=STEPS):
+    model = make_model(seed)
+    opt = getattr(optim(), name)(model, likelihood="categorical")
+    torch.manual_seed(1000 + seed)  # the Monte-Carlo draws of the default estimator
+    for idx in batch_indices(len(x), seed, steps):
+        opt.zero_grad()
+        out = model(x[idx])
+        loss = TF.cross_entropy(out, y[idx])
+        opt.backward(loss, out)
+        opt.step()
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+    return full_loss(model, x, y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC"])
+def test_defaults_beat_adam_on_digits(digits, name, seed):
+    x, y = digits
+    initial = full_loss(make_model(seed), x, y)
+    adam = train_adam(x, y, seed)
+    ours = train_natgrad(name, x, y, seed)
+    assert adam < initial  # the baseline did train
+    assert ours < adam, f"{name}: {ours:.4f} vs Adam {adam:.4f} (initial {initial:.4f})"
+
+
+@pytest.mark.slow
+def test_ngd_defaults_beat_adam_on_digits(digits):
+    x, y = digits
+    adam = train_adam(x, y, 0)
+    ours = train_natgrad("NGD", x, y, 0)
+    assert ours < adam, f"NGD: {ours:.4f} vs Adam {adam:.4f}"
