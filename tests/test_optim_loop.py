@@ -81,10 +81,6 @@ def test_loop_has_no_second_forward_pass(name):
         assert len(calls) == n, f"{len(calls) - n} module calls inside backward()/step()"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: KFAC/EKFAC(estimator='empirical') with the default StepPolicy(rescale='quadratic') "
-    "reject the plain loss.backward(); opt.step() loop: base._update raises 'the exact-Fisher "
-    "quadratic model needs the graph: call opt.backward(loss, output)'"))
 @pytest.mark.parametrize("name", ["KFAC", "EKFAC"])
 def test_empirical_plain_loop_with_defaults(name):
     model = mlp(62, sizes=(5, 8, 3))
@@ -381,10 +377,6 @@ def test_other_diagonal_uses_the_diagonal_fisher():
     H.assert_rel_close(change[sl] / lr, grad[sl] / (diag[sl] + lam), 1e-10, "other='diagonal'")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: other='diagonal' never gets its diagonal Fisher with estimator='empirical': "
-    "base._empirical_batch builds BatchData(n, layers, {}) without the generic per-example "
-    "gradients, so step() raises 'no diagonal Fisher yet for the other parameters'"))
 def test_other_diagonal_with_empirical_estimator():
     O = optim()
     model = H.layernorm_net(74)
@@ -521,9 +513,6 @@ def test_param_group_validation(name, case):
         make(name, model, param_groups=groups)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a param group's weight_decay is not validated (base.CurvatureOptimizer._groups checks "
-    "only lr and damping): weight_decay=-1 or nan is accepted"))
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
 @pytest.mark.parametrize("name", NAMES)
 def test_param_group_weight_decay_validation(name, value):

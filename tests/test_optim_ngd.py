@@ -139,9 +139,6 @@ def test_stat_every_reuses_the_last_fisher():
         H.assert_rel_close(change / lr, solve(F, grad, lam), 1e-9, f"step {k}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: NGD's running average uses ρ = decay from the second update on "
-    "(ngd.NGD._averaged), not ρ = min(1 − 1/k, decay) as Schedule documents and KFAC does"))
 def test_running_average_follows_the_schedule_formula():
     O = optim()
     model = mlp(47)
@@ -179,14 +176,8 @@ def test_model_without_kronecker_layers_is_fine_for_ngd():
     H.assert_rel_close(change / 0.3, solve(F, grad, 0.1), 1e-9, "embedding + layernorm")
 
 
-EMPIRICAL_OTHER_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: NGD(estimator='empirical') with a stored structure crashes with KeyError in "
-    "collect.BatchData.per_example for any module without a layer adapter (LayerNorm, "
-    "Embedding, custom): base._empirical_batch returns BatchData(n, layers, {}) with no "
-    "generic per-example gradients for those blocks"))
 OTHER_CASES = [
-    pytest.param(est, st, id=f"{est}-{st}",
-                 marks=[EMPIRICAL_OTHER_BUG] if est == "empirical" and st != "implicit" else [])
+    pytest.param(est, st, id=f"{est}-{st}")
     for est in ("exact", "empirical") for st in ("dense", "diagonal", "implicit")
 ]
 
@@ -207,9 +198,6 @@ def test_models_with_other_modules(make_net, estimator, structure):
     check(change, lr, solve(F, grad, lam), grad, lam, structure, f"{make_net.__name__} {estimator} {structure}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: NGD silently ignores the damping (and the weight-decay part of the damping) of every "
-    "param group but the first: NGD._direction solves with self.damping_of(0) for all parameters"))
 def test_param_group_damping_is_honoured_or_refused():
     O = optim()
     model = mlp(50)
@@ -228,10 +216,6 @@ def test_param_group_damping_is_honoured_or_refused():
     H.assert_rel_close(change, torch.linalg.solve(F + torch.diag(lam), grad), 1e-9, "per-group damping")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: NGD(estimator='empirical') fails on a model with a Linear that the forward never calls "
-    "('no layer gradients were recorded'), although the user did call loss.backward(); the 'mc' "
-    "and 'exact' estimators handle the same model (zero Fisher rows for the unused layer)"))
 def test_empirical_with_an_unused_layer():
     O = optim()
     model = H.unused_net(51)

@@ -51,12 +51,7 @@ def _configs():
     }
 
 
-NGD_FISHER_NOT_SAVED = pytest.mark.xfail(strict=True, reason=(
-    "BUG: NGD keeps its (averaged / reused) Fisher in self.fisher_matrix, which state_dict() does "
-    "not save: after load_state_dict a non-statistics step raises 'no Fisher yet', and a running "
-    "average (decay > 0) restarts from the fresh batch Fisher"))
-
-CASES = [pytest.param(c, id=c, marks=[NGD_FISHER_NOT_SAVED] if c in ("ngd-dense-average", "ngd-stat2") else [])
+CASES = [pytest.param(c, id=c)
          for c in ["kfac-default", "kfac-stat2-inv3-momentum", "kfac-eigen-klclip-wd", "kfac-adaptive",
                    "kfac-quadratic-stat3", "kfac-exact-groups", "kfac-empirical", "kfac-other-adam",
                    "kfac-other-diagonal", "ekfac-default", "ekfac-stat2-inv3", "ekfac-inv4-decay",

@@ -45,6 +45,12 @@ def check_lr(lr: float) -> float:
     return float(lr)
 
 
+def check_weight_decay(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring. ``param_groups`` (optional) are dicts with
     ``params`` (parameters of ``model``) and overrides of ``lr``/``damping``/``weight_decay``;
@@ -75,6 +81,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ):
             if not isinstance(value, kind):
                 raise TypeError(f"{name} must be a natgrad.optim.{kind.__name__}, got {type(value).__name__}")
+        if damping_policy.adaptive and step_policy.rescale != "quadratic":
+            raise ValueError(
+                "adaptive damping compares the loss reduction with the exact-Fisher quadratic model: "
+                "it needs StepPolicy(rescale='quadratic')"
+            )
         self.likelihood = get_likelihood(likelihood)
         self.estimator = estimator
         self.samples = samples
@@ -102,6 +113,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._pending: tuple[Tensor, Tensor] | None = None  # (output, loss) of opt.backward
         self._stats_batch: BatchData | None = None
         self._skip = False
+        self._warned_no_graph = False
         self._arm()
 
     # ---------------------------------------------------------------- setup
@@ -122,6 +134,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 check_lr(group["lr"])
             if "damping" in group:
                 check_damping(group["damping"])
+            if "weight_decay" in group:
+                check_weight_decay(group["weight_decay"])
         if seen != ids:
             raise ValueError("param_groups must cover every trainable parameter of the model exactly once")
         for params in self.block_params:
@@ -194,21 +208,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return inputs
 
     def _empirical_batch(self) -> BatchData:
-        """The empirical Fisher from the gradients the user's loss.backward() produced."""
-        missing = [a.name for a in self.adapters.values() if a.name not in self.capture.grad_outputs]
-        if missing or not self.capture.captured():
+        """The empirical Fisher from the gradients the user's loss.backward() produced: for a
+        mean loss, N ∂loss/∂a is the per-example score back-propagated to each layer output a."""
+        if not self.capture.captured() or self.capture.root_grad is None:
             raise RuntimeError(
-                "this is a statistics step but no layer gradients were recorded; run the forward "
-                "pass with gradients enabled and call loss.backward() (or opt.backward(loss, output)) "
+                "this is a statistics step but no gradients were recorded; run the forward pass "
+                "with gradients enabled and call loss.backward() (or opt.backward(loss, output)) "
                 "before step()"
             )
         self.collector._check_calls(self.capture)
-        n = next(iter(self.capture.inputs.values())).shape[0]
+        n = self.capture.root_grad.shape[0]
         layers = {}
-        for i, adapter in self.adapters.items():
-            grads = adapter.output_grads(self.capture.grad_outputs[adapter.name] * n).unsqueeze(1)
+        for i, adapter in self.collector.adapters.items():
+            output = self.capture.outputs[adapter.name]
+            grad = self.capture.grad_outputs.get(adapter.name)
+            grad = torch.zeros_like(output) if grad is None else grad  # output unused by the loss
+            grads = adapter.output_grads(grad * n).unsqueeze(1)
             layers[i] = LayerData(adapter, adapter.layer_inputs(self.capture.inputs[adapter.name]), grads)
-        return BatchData(n, layers, {})
+        generic = {}
+        if self.collector.generic:
+            vectors = [self.capture.root_grad * n]
+            generic = self.collector._generic_data(self._model_inputs(self.capture.root_grad), vectors)
+        return BatchData(n, layers, generic)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -301,27 +322,35 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr = self._per_param("lr")
         state = self._global()
         previous = state.get("previous")
-        model = None
-        if policy.rescale == "quadratic" or self.damping_policy.adaptive:
-            if self._pending is None:
-                raise RuntimeError(
-                    "the exact-Fisher quadratic model needs the graph: call opt.backward(loss, output)"
+        rescale = policy.rescale
+        if rescale == "quadratic" and self._pending is None:
+            if not self._warned_no_graph:
+                warnings.warn(
+                    "the exact-Fisher quadratic model needs the graph, which loss.backward() freed: "
+                    "steps use rescale='kl_clip' instead; call opt.backward(loss, output) to keep it",
+                    UserWarning,
+                    stacklevel=3,
                 )
-            output = self._pending[0]
-            damping = self.damping_of(0)
+                self._warned_no_graph = True
+            rescale = "kl_clip"
+        model = None
+        if rescale == "quadratic":
+            damping = self._per_param("damping") + self._per_param("weight_decay")
             with torch.enable_grad():
-                model = quadratic_model(output, self._params(), self.likelihood, -direction, previous, grads, damping)
-        if policy.rescale == "quadratic":
+                model = quadratic_model(
+                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping
+                )
             coeff = model.optimum(use_momentum=previous is not None)
             coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
-            change = -(float(coeff[0]) * -direction + (float(coeff[1]) * previous if previous is not None else 0.0))
-            change = lr * change
+            proposal = float(coeff[0]) * -direction
+            if previous is not None:
+                proposal = proposal + float(coeff[1]) * previous
+            change = -lr * proposal
             state["coeff"] = (float(coeff[0]), float(coeff[1]))
         else:
             scale = 1.0
-            if policy.rescale == "kl_clip":
-                lr0 = float(self.param_groups[0]["lr"])
-                quad = float((direction * grads).sum()) * lr0 * lr0
+            if rescale == "kl_clip":
+                quad = float((lr * lr * direction * grads).sum())
                 scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
             buffer = state.get("momentum_buffer")
             step = scale * direction
@@ -344,6 +373,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         if loss is None:
             raise RuntimeError("adaptive damping needs the loss after the step: call opt.step(closure)")
+        if model is None:
+            raise RuntimeError("adaptive damping needs the graph: call opt.backward(loss, output)")
         state = self._global()
         before = float(self._pending[1])
         coeff = state.get("coeff")

@@ -27,8 +27,10 @@ class TrainingCapture(LayerCapture):
         self.grad_outputs: dict[str, Tensor] = {}
         self.model_inputs: Tensor | None = None
         self.__enter__()
+        self.root_grad: Tensor | None = None
         try:
             self._handles.append(model.register_forward_pre_hook(self._start))
+            self._handles.append(model.register_forward_hook(self._finish))
         except BaseException:
             self.remove()
             raise
@@ -38,6 +40,11 @@ class TrainingCapture(LayerCapture):
             self.clear()
             self.model_inputs = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
 
+    def _finish(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        if self.active and self.record_grads and torch.is_grad_enabled():
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: setattr(self, "root_grad", grad.detach()))
+
     def clear(self) -> None:
         self.calls.clear()
         self.inputs.clear()
@@ -45,6 +52,7 @@ class TrainingCapture(LayerCapture):
         self._versions.clear()
         self.grad_outputs.clear()
         self.model_inputs = None
+        self.root_grad = None
 
     def _hook(self, name: str):
         record = super()._hook(name)

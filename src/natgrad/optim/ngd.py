@@ -17,13 +17,16 @@ from ..collect import BatchData
 from ..estimators import backprop_vectors
 from ..fisher import STRUCTURES
 from ..likelihoods import Likelihood
-from ..representations.base import FisherMatrix
+from ..representations.base import BlockDiagonalFisher, FisherMatrix
+from ..representations.dense import DenseBlock, DenseFisher
+from ..representations.diagonal import DiagonalFisher
 from ..statistics import DenseBuilder, DiagonalBuilder, KFACBuilder, StoredBuilder
 from .base import CurvatureOptimizer
 from .config import DampingPolicy, Schedule, StepPolicy
 from .graph_fisher import GraphFisher
 
 DENSE_LIMIT = 4096
+AVERAGED = ("dense", "block_diagonal", "diagonal")  # structures whose tensors can be averaged and saved
 
 
 class NGD(CurvatureOptimizer):
@@ -54,9 +57,17 @@ class NGD(CurvatureOptimizer):
         )
         size = self.blocks[-1].stop
         self.structure = structure if structure != "auto" else ("dense" if size <= DENSE_LIMIT else "implicit")
-        if self.structure == "implicit" and schedule.decay > 0:
-            raise ValueError("a running average (Schedule.decay > 0) needs a stored structure, not 'implicit'")
+        if self.structure not in AVERAGED and (schedule.decay > 0 or schedule.stat_every > 1):
+            raise ValueError(
+                f"reusing or averaging the Fisher across steps (Schedule.decay > 0 or stat_every > 1) "
+                f"is supported for structures {list(AVERAGED)}, not {self.structure!r}; for running "
+                "Kronecker factors use natgrad.optim.KFAC or EKFAC"
+            )
+        for key in ("damping", "weight_decay"):
+            if len({float(g[key]) for g in self.param_groups}) > 1:
+                raise ValueError(f"NGD solves with one damping: param groups must share {key!r}")
         self.fisher_matrix: FisherMatrix | None = None
+        self.fisher_updates = 0
         self._scores: Tensor | None = None
 
     def _needs_graph(self) -> bool:
@@ -113,15 +124,35 @@ class NGD(CurvatureOptimizer):
         return StoredBuilder(*args, ekfac=self.structure == "ekfac")
 
     def _averaged(self, fresh: FisherMatrix) -> FisherMatrix:
-        decay = self.schedule.decay
+        """Running average with ρ = min(1 − 1/k, decay) at the k-th update (as in KFAC)."""
+        self.fisher_updates += 1
+        decay = min(1.0 - 1.0 / self.fisher_updates, self.schedule.decay)
         previous = self.fisher_matrix
         if decay == 0 or previous is None:
             return fresh
-        if not hasattr(fresh, "matrix") and not hasattr(fresh, "values"):
-            raise ValueError(f"a running average is supported for 'dense' and 'diagonal', not {self.structure!r}")
-        attribute = "matrix" if hasattr(fresh, "matrix") else "values"
-        setattr(fresh, attribute, decay * getattr(previous, attribute) + (1 - decay) * getattr(fresh, attribute))
-        return fresh
+        tensors = [decay * old + (1 - decay) * new for old, new in zip(_tensors(previous), _tensors(fresh))]
+        return _with_tensors(fresh, tensors)
+
+    def _extra_state(self) -> dict:
+        if self.structure not in AVERAGED or self.fisher_matrix is None:
+            return {"fisher_updates": self.fisher_updates}
+        return {"fisher_updates": self.fisher_updates, "fisher": _tensors(self.fisher_matrix)}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.fisher_updates = int(extra.pop("fisher_updates", 0))
+        tensors = extra.pop("fisher", None)
+        self.fisher_matrix = None
+        if tensors is not None:
+            self.fisher_matrix = _with_tensors(self._builder_template(), [t.to(self.device) for t in tensors])
+
+    def _builder_template(self) -> FisherMatrix:
+        size = self.blocks[-1].stop
+        if self.structure == "dense":
+            return DenseFisher(self.blocks, torch.zeros(size, size, dtype=self.dtype, device=self.device))
+        if self.structure == "diagonal":
+            return DiagonalFisher(self.blocks, torch.zeros(size, dtype=self.dtype, device=self.device))
+        blocks = [DenseBlock(torch.zeros(b.size, b.size, dtype=self.dtype, device=self.device)) for b in self.blocks]
+        return BlockDiagonalFisher(self.blocks, blocks, self.dtype, self.device)
 
     def _direction(self, grads: Tensor) -> Tensor:
         if self.fisher_matrix is None:
@@ -133,3 +164,20 @@ class NGD(CurvatureOptimizer):
             self.fisher_matrix = None  # holds the graph of this batch
         self._scores = None
         super()._finish_step(advance)
+
+
+def _tensors(fisher: FisherMatrix) -> list[Tensor]:
+    """The stored tensors of a dense, diagonal or block-diagonal Fisher."""
+    if isinstance(fisher, DenseFisher):
+        return [fisher.matrix]
+    if isinstance(fisher, DiagonalFisher):
+        return [fisher.values]
+    return [op.matrix for op in fisher.operators]
+
+
+def _with_tensors(fisher: FisherMatrix, tensors: list[Tensor]) -> FisherMatrix:
+    if isinstance(fisher, DenseFisher):
+        return DenseFisher(fisher.blocks, tensors[0])
+    if isinstance(fisher, DiagonalFisher):
+        return DiagonalFisher(fisher.blocks, tensors[0])
+    return BlockDiagonalFisher(fisher.blocks, [DenseBlock(t) for t in tensors], fisher.dtype, fisher.device)

@@ -51,9 +51,10 @@ def quadratic_model(
     direction: Tensor,
     previous: Tensor | None,
     grad: Tensor,
-    damping: float,
+    damping: float | Tensor,
 ) -> QuadraticModel:
-    """Build the model on the batch that produced ``output`` (whose graph must be retained)."""
+    """Build the model on the batch that produced ``output`` (whose graph must be retained);
+    ``damping`` λ' is a number or one value per parameter (flat)."""
     vectors = [direction] if previous is None else [direction, previous]
     linearized = LinearizedOutput(output, params)
     jvps = [linearized.jvp(v) for v in vectors]
@@ -66,6 +67,6 @@ def quadratic_model(
     for i in range(size):
         linear[i] = float(grad @ vectors[i])
         for j in range(i, size):
-            value = float((jvps[i] * fisher_jvps[j]).sum()) / n + damping * float(vectors[i] @ vectors[j])
+            value = float((jvps[i] * fisher_jvps[j]).sum()) / n + float((vectors[i] * damping * vectors[j]).sum())
             matrix[i, j] = matrix[j, i] = value
     return QuadraticModel(matrix, linear)
