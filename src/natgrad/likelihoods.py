@@ -40,7 +40,8 @@ class Likelihood(ABC):
             )
         if not torch.isfinite(output).all():
             raise ValueError(
-                "the model output contains NaN or Inf; check the inputs and the parameters"
+                "the model output contains NaN or Inf: the inputs or the parameters contain "
+                "NaN/Inf, or the model overflows; check them"
             )
 
     def check_target(self, output: Tensor, target: Tensor) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor
 from .collect import BatchData, LayerData
 from .gram import block_diagonal_of_gram, block_gram
 from .layout import Block
+from .linalg import gram as symmetric_gram
 from .linalg import symmetric_eigh
 from .representations.base import BlockDiagonalFisher, FisherMatrix
 from .representations.dense import DenseBlock, DenseFisher
@@ -90,8 +91,7 @@ def input_gram(layer: LayerData) -> Tensor:
     n, t, g, d = layer.raw_inputs.shape
     x = layer.raw_inputs.reshape(n * t, g, d)
     if g == 1:
-        flat = x[:, 0, :]
-        gram = (flat.T @ flat).unsqueeze(0)
+        gram = symmetric_gram(x[:, 0, :]).unsqueeze(0)
     else:
         x = x.transpose(0, 1)
         gram = x.mT @ x
@@ -110,8 +110,7 @@ def output_gram(layer: LayerData) -> Tensor:
     g, o = layer.grads.shape[-2:]
     y = layer.grads.reshape(-1, g, o)
     if g == 1:
-        flat = y[:, 0, :]
-        return (flat.T @ flat).unsqueeze(0)
+        return symmetric_gram(y[:, 0, :]).unsqueeze(0)
     y = y.transpose(0, 1)
     return y.mT @ y
 
