@@ -17,6 +17,11 @@ every other value: the layer is ``conv(pad(x) − μ, V ·_in U) + d`` and at th
 computes exactly the canonical ``conv(pad(x), W) + b``. Both are evaluated with the kernel
 ``W = V ·_in U`` and bias ``b = d − Σ_taps W μ`` folded (the same function of ``V`` and ``d``,
 hence the same gradients).
+
+Both layers get natgrad layer adapters (registered on import), so every Fisher structure —
+``kfac``, ``ekfac``, ``kron_sum`` included — and natgrad's optimizers handle them exactly, in
+the parameters ``V``, ``d``: K-FAC's input factor of a whitened layer is ``E[[h_e; 1][h_e; 1]ᵀ]``
+with ``h_e = U (h − μ)``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-__all__ = ["WhitenedLinear", "WhitenedConv2d", "WhitenedLayer"]
+from ..layers import register_layer
+from ..layers.conv2d import Conv2dAdapter
+from ..layers.linear import LinearAdapter
+
+__all__ = ["WhitenedLinear", "WhitenedConv2d", "WhitenedLayer", "WhitenedLinearAdapter", "WhitenedConv2dAdapter"]
 
 
 class WhitenedLayer(nn.Module):
@@ -256,6 +265,7 @@ class WhitenedConv2d(WhitenedLayer):
             self.padding = _pair(padding)
         self.groups = 1
         self.padding_mode = "zeros"
+        self._reversed_padding_repeated_twice = self._explicit_padding()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **kw))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **kw))
@@ -263,6 +273,18 @@ class WhitenedConv2d(WhitenedLayer):
             self.register_parameter("bias", None)
         self._init_whitening(in_channels, device, self.weight.dtype)
         self.reset_parameters()
+
+    def _explicit_padding(self) -> list[int]:
+        """``F.pad`` amounts ``[left_w, right_w, top_h, bottom_h]`` (as ``nn.Conv2d`` computes them)."""
+        if self.padding == "valid":
+            return [0, 0, 0, 0]
+        if self.padding == "same":
+            out = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return out
+        return [p for p in reversed(self.padding) for _ in range(2)]
 
     def reset_parameters(self) -> None:
         """``nn.Conv2d``'s initialisation of V and d (whitening left as it is)."""
@@ -328,3 +350,36 @@ class WhitenedConv2d(WhitenedLayer):
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+# --------------------------------------------------------------------------- natgrad layer adapters
+# With these, every natgrad structure (K-FAC, EKFAC, kron_sum, and the optimizers) handles the
+# whitened layers exactly: the matrix [V | d] acts on the whitened input [h_e; 1], h_e = U (h − μ)
+# (for a convolution: the patches of U (pad(x) − μ)), so K-FAC's input factor is E[[h_e;1][h_e;1]ᵀ].
+class WhitenedLinearAdapter(LinearAdapter):
+    """h_e ``[N, T, 1, in]`` = U (h − μ) from the module input."""
+
+    def layer_inputs(self, inputs: Tensor) -> Tensor:
+        layer = self.module
+        x = inputs - layer.mean if layer.centred else inputs
+        return super().layer_inputs(F.linear(x, layer.whitener))
+
+
+class WhitenedConv2dAdapter(Conv2dAdapter):
+    """Patches ``[N, T, 1, C_in·kh·kw]`` of the whitened padded input U (pad(x) − μ)."""
+
+    def layer_inputs(self, inputs: Tensor) -> Tensor:
+        layer = self.module
+        if inputs.dim() == 3:
+            raise ValueError(f"WhitenedConv2d {self.name!r} got an unbatched input; add a batch dimension")
+        x = F.pad(inputs, layer._reversed_padding_repeated_twice)
+        if layer.centred:
+            x = x - layer.mean[:, None, None]
+        x = torch.einsum("ij,njhw->nihw", layer.whitener, x)
+        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+        n, _, positions = patches.shape
+        return patches.view(n, 1, self.group_in, positions).permute(0, 3, 1, 2)
+
+
+register_layer(WhitenedLinear, WhitenedLinearAdapter)
+register_layer(WhitenedConv2d, WhitenedConv2dAdapter)

@@ -15,5 +15,6 @@ from .config import DampingPolicy, Schedule, StepPolicy
 from .ekfac import EKFAC
 from .kfac import KFAC
 from .ngd import NGD
+from .prong import PRONG
 
-__all__ = ["KFAC", "EKFAC", "NGD", "Schedule", "DampingPolicy", "StepPolicy"]
+__all__ = ["KFAC", "EKFAC", "NGD", "PRONG", "Schedule", "DampingPolicy", "StepPolicy"]

@@ -1,0 +1,340 @@
+"""Converting models to whitened layers and re-estimating their whitening (PRONG, Algorithm 1).
+
+* :func:`whiten` replaces every ``nn.Linear``/``nn.Conv2d`` by a whitened layer with ``U = I``,
+  ``μ = 0`` (the same function), optionally followed by batch normalisation (PRONG+).
+* :func:`reparametrize` runs the model once on training inputs, records every whitened layer's
+  input ``h`` and sets ``μ = E[h]``, ``U = (Cov(h) + εI)^(-1/2)`` (ZCA, symmetric), changing
+  ``V`` and ``d`` so that every layer computes exactly the same function:
+  ``W = V U_old``, ``b = d − W μ_old``; ``V ← W U_new⁻¹``, ``d ← b + W μ_new``, where
+  ``U_new⁻¹ = E (Λ + εI)^(1/2) Eᵀ`` comes from the same eigendecomposition (no inversion).
+  Because each layer's function is preserved, the inputs recorded in the single pass are the
+  inputs every layer sees after the update as well.
+* :func:`unwhiten` converts back to ordinary layers (``W = V U``, ``b = d − W μ``).
+
+Statistics are the population moments (mean over the N recorded rows, 1/N), accumulated in
+float64 around a shift (the first batch's mean) for stability, so that on the estimation sample
+the whitened inputs ``h_e = U (h − μ)`` have mean 0 and covariance ``Σ (Σ + εI)⁻¹`` exactly —
+i.e. ``E[[h_e; 1][h_e; 1]ᵀ]``, the input factor of the layer's K-FAC block, is the identity up
+to ε. Layers without bias are whitened without centring (``μ = 0`` and ``Σ = E[h hᵀ]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
+
+__all__ = ["whiten", "unwhiten", "reparametrize", "whitened_layers", "whitening_from_covariance", "check_eps"]
+
+
+# --------------------------------------------------------------------------- validation helpers
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a positive number, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0 (it regularises the eigenvalues: U = (Σ + eps I)^(-1/2)), got {eps!r}")
+    return float(eps)
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def whitened_layers(model: nn.Module) -> list[tuple[str, WhitenedLayer]]:
+    """``(name, layer)`` for every whitened layer of ``model`` (each module once, first name)."""
+    _check_module(model)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, WhitenedLayer)]
+
+
+def _require_whitened(model: nn.Module) -> list[tuple[str, WhitenedLayer]]:
+    layers = whitened_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no whitened layer (natgrad.nn.WhitenedLinear / WhitenedConv2d); "
+            "convert it first with model = natgrad.nn.whiten(model)"
+        )
+    return layers
+
+
+# --------------------------------------------------------------------------- whiten / unwhiten
+def _replace_modules(model: nn.Module, convert) -> nn.Module:
+    """Replace every submodule ``m`` for which ``convert(name, m)`` returns a module (shared
+    modules once, everywhere they appear). Returns the (possibly new) root."""
+    root_new = convert("", model)
+    if root_new is not None:
+        return root_new
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            return  # uses its projections' weights directly, never their forward
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            key = id(child)
+            if key not in done:
+                done[key] = convert(name, child)
+                if done[key] is None:
+                    visit(child, name)
+            if done[key] is not None:
+                module._modules[child_name] = done[key]
+
+    visit(model, "")
+    return model
+
+
+def _plain(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """``module`` is a ``kind`` computing ``kind``'s own forward (subclasses with another
+    forward compute something else and are left alone)."""
+    return isinstance(module, kind) and type(module).forward is kind.forward
+
+
+def whiten(model: nn.Module, inplace: bool = False, batchnorm: bool = False, *, plus: bool | None = None) -> nn.Module:
+    """The model with every ``nn.Linear``/``nn.Conv2d`` replaced by a whitened layer.
+
+    The new layers start with ``U = I`` and ``μ = 0`` and ``V = W``, ``d = b``: the function is
+    unchanged (to rounding). Call :func:`reparametrize` (or use :class:`natgrad.optim.PRONG`)
+    to estimate the whitening. Layers that are already whitened are kept.
+
+    Args:
+        model: any module; a deep copy is converted unless ``inplace``. (A model that *is* a
+            Linear/Conv2d cannot be changed in place: the new layer is returned.)
+        inplace: convert ``model`` itself.
+        batchnorm: PRONG+: follow every converted layer's linear map by batch normalisation
+            (``BatchNorm1d`` over a Linear's output features — 2-D inputs ``[N, features]`` —
+            or ``BatchNorm2d`` over a convolution's output channels), i.e. the layer becomes
+            ``nn.Sequential(whitened, bn)`` before the nonlinearity. This *changes* the function
+            (it is a different architecture); reparametrizations preserve it afterwards, since
+            BN's input, the whitened layer's output, is preserved.
+        plus: alias of ``batchnorm``.
+
+    Raises:
+        NotImplementedError: a convolution with ``groups > 1`` or ``padding_mode != "zeros"``.
+        ValueError: the model has no Linear/Conv2d (nor whitened) layer.
+    """
+    _check_module(model)
+    if plus is not None:
+        batchnorm = plus
+    if not isinstance(batchnorm, bool) or not isinstance(inplace, bool):
+        raise TypeError("inplace and batchnorm must be booleans")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, WhitenedLayer):
+            return None
+        if _plain(module, nn.Linear):
+            new: nn.Module = WhitenedLinear.from_linear(module)
+            norm = nn.BatchNorm1d(module.out_features, device=module.weight.device, dtype=module.weight.dtype)
+        elif _plain(module, nn.Conv2d):
+            label = name or type(module).__name__
+            new = WhitenedConv2d.from_conv(module, name=label)
+            norm = nn.BatchNorm2d(module.out_channels, device=module.weight.device, dtype=module.weight.dtype)
+        else:
+            return None
+        if batchnorm:
+            norm.train(module.training)
+            new = nn.Sequential(new, norm)
+        return new
+
+    model = _replace_modules(model, convert)
+    _require_whitened_after_whiten(model)
+    return model
+
+
+def _require_whitened_after_whiten(model: nn.Module) -> None:
+    if not whitened_layers(model):
+        raise ValueError(
+            f"whiten found no nn.Linear or nn.Conv2d layer to whiten in {type(model).__name__} "
+            "(subclasses with their own forward are left alone)"
+        )
+
+
+def unwhiten(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The model with every whitened layer replaced by the ordinary layer computing the same
+    function: ``nn.Linear``/``nn.Conv2d`` with ``W = V U`` and ``b = d − W μ`` (computed in
+    float64). Same number of parameters. A deep copy unless ``inplace``."""
+    _check_module(model)
+    if not isinstance(inplace, bool):
+        raise TypeError("inplace must be a boolean")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(name: str, module: nn.Module) -> nn.Module | None:
+        if isinstance(module, WhitenedLayer) and not module.centred and bool((module.mean != 0).any()):
+            raise ValueError(f"whitened layer {name!r} has no bias but a non-zero mean: it has no ordinary equivalent")
+        if isinstance(module, WhitenedLinear):
+            return module.to_linear()
+        if isinstance(module, WhitenedConv2d):
+            return module.to_conv()
+        return None
+
+    return _replace_modules(model, convert)
+
+
+# --------------------------------------------------------------------------- statistics
+def whitening_from_covariance(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """ZCA whitening of a covariance: ``(U, U⁻¹, λ)`` with ``U = E (Λ + εI)^(-1/2) Eᵀ`` and
+    ``U⁻¹ = E (Λ + εI)^(1/2) Eᵀ`` from one float64 eigendecomposition of the symmetrised matrix
+    (eigenvalues clamped at 0, so a singular covariance — constant inputs, dead units — is fine)."""
+    eps = check_eps(eps)
+    cov = cov.double()
+    cov = (cov + cov.T) / 2
+    lam, vecs = torch.linalg.eigh(cov)
+    lam = lam.clamp(min=0.0)
+    shifted = lam + eps
+    u = (vecs * shifted.rsqrt()) @ vecs.T
+    u_inv = (vecs * shifted.sqrt()) @ vecs.T
+    return u, u_inv, lam
+
+
+class _Moments:
+    """Running float64 sums of one layer's input rows, shifted by the first batch's mean."""
+
+    def __init__(self, centred: bool) -> None:
+        self.centred = centred
+        self.n = 0
+        self.shift: Tensor | None = None
+        self.s1: Tensor | None = None
+        self.s2: Tensor | None = None
+
+    def add(self, rows: Tensor) -> None:
+        rows = rows.detach().to(torch.float64)
+        if rows.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = rows.mean(0) if self.centred else rows.new_zeros(rows.shape[1])
+            self.s1 = rows.new_zeros(rows.shape[1])
+            self.s2 = rows.new_zeros(rows.shape[1], rows.shape[1])
+        x = rows - self.shift
+        self.s1 += x.sum(0)
+        self.s2 += x.T @ x
+        self.n += rows.shape[0]
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """(mean, covariance): population moments; for a non-centred layer (0, E[h hᵀ])."""
+        m1 = self.s1 / self.n
+        second = self.s2 / self.n
+        if not self.centred:
+            return torch.zeros_like(m1), second
+        return self.shift + m1, second - torch.outer(m1, m1)
+
+
+def _input_batches(inputs) -> Iterator[Tensor]:
+    """Input tensors from a tensor, an ``(x, y, ...)`` tuple, or an iterable (DataLoader) of
+    tensors or ``(x, y, ...)`` batches."""
+    if isinstance(inputs, Tensor):
+        yield inputs
+        return
+    if isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Tensor):
+        yield inputs[0]
+        return
+    if isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Iterable):
+        raise TypeError(
+            "inputs must be a tensor, an (x, y) tuple, or a DataLoader/iterable of tensors or (x, y) "
+            f"batches, got {type(inputs).__name__}"
+        )
+    for batch in inputs:
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            batch = batch[0]
+        if not isinstance(batch, Tensor):
+            raise TypeError(f"each batch must be a tensor or an (x, y) pair of tensors, got {type(batch).__name__}")
+        yield batch
+
+
+def _model_dtype_device(model: nn.Module, layers) -> tuple[torch.dtype, torch.device]:
+    weight = layers[0][1].weight
+    return weight.dtype, weight.device
+
+
+@torch.no_grad()
+def reparametrize(model: nn.Module, inputs, eps: float = 1e-2) -> dict[str, dict]:
+    """Re-estimate every whitened layer's ``μ`` and ``U`` from ``inputs`` in one forward pass and
+    change ``V``, ``d`` so that the model computes exactly the same function.
+
+    Args:
+        model: a model with whitened layers (:func:`whiten`). It runs in its current mode
+            (train/eval); buffers of other modules (e.g. BatchNorm running statistics) are
+            restored afterwards, so the pass has no side effect besides the new whitening.
+        inputs: a tensor, an ``(x, y)`` tuple, or a DataLoader/iterable yielding tensors or
+            ``(x, y)`` batches (floating inputs are cast to the model's dtype and device).
+        eps: ε > 0 added to the eigenvalues of the covariance: ``U = (Σ + εI)^(-1/2)``.
+
+    Returns:
+        ``{layer name: info}`` with ``samples`` (rows used: examples × positions), ``eigenvalues``
+        (of Σ, ascending, float64), ``condition`` (of Σ + εI), ``mean``/``whitener``/
+        ``whitener_inverse`` (new μ, U, U⁻¹, float64) and ``previous_mean``/``previous_whitener``.
+        A layer the pass never reached is left unchanged (with a warning) and maps to ``None``.
+    """
+    _check_module(model)
+    eps = check_eps(eps)
+    layers = _require_whitened(model)
+    dtype, device = _model_dtype_device(model, layers)
+    moments = {name: _Moments(layer.centred) for name, layer in layers}
+
+    def make_hook(name: str, layer: WhitenedLayer):
+        def hook(module, args):
+            if args and isinstance(args[0], Tensor):
+                moments[name].add(layer.layer_rows(args[0]))
+
+        return hook
+
+    own = {id(b) for _, layer in layers for b in (layer.mean, layer.whitener)}
+    saved = [(b, b.detach().clone()) for b in model.buffers() if id(b) not in own]
+    handles = [layer.register_forward_pre_hook(make_hook(name, layer)) for name, layer in layers]
+    examples = 0
+    try:
+        for x in _input_batches(inputs):
+            if x.dim() == 0 or x.shape[0] == 0:
+                continue
+            if x.is_floating_point():
+                x = x.to(dtype=dtype, device=device)
+            else:
+                x = x.to(device=device)
+            model(x)
+            examples += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for buffer, value in saved:
+            buffer.copy_(value)
+    if examples == 0:
+        raise ValueError("reparametrize got no inputs (an empty tensor or data loader): it needs training inputs "
+                         "to estimate the whitening")
+
+    info: dict[str, dict | None] = {}
+    updates = []
+    for name, layer in layers:
+        acc = moments[name]
+        if acc.n == 0:
+            warnings.warn(f"whitened layer {name!r} was not called on the inputs: its whitening is unchanged",
+                          RuntimeWarning, stacklevel=2)
+            info[name] = None
+            continue
+        mean, cov = acc.finish()
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(cov).all())):
+            raise ValueError(f"the inputs of whitened layer {name!r} are not finite: cannot estimate its whitening")
+        u, u_inv, lam = whitening_from_covariance(cov, eps)
+        updates.append((name, layer, mean, u, u_inv, lam, acc.n))
+    # all statistics first, then all updates (a failure above leaves the model untouched)
+    for name, layer, mean, u, u_inv, lam, n in updates:
+        old_mean, old_u = layer.set_whitening(mean, u, u_inv)
+        info[name] = {
+            "samples": n,
+            "eigenvalues": lam,
+            "condition": float((lam[-1] + eps) / (lam[0] + eps)),
+            "mean": mean,
+            "whitener": u,
+            "whitener_inverse": u_inv,
+            "previous_mean": old_mean,
+            "previous_whitener": old_u,
+        }
+    return info

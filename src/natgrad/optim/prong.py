@@ -1,0 +1,361 @@
+"""PRONG (Desjardins et al. 2015, "Natural Neural Networks"): any first-order optimizer on a
+whitened model, with the whitening re-estimated every ``every`` steps.
+
+::
+
+    model = natgrad.nn.whiten(model)                       # or whiten(model, batchnorm=True): PRONG+
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = natgrad.optim.PRONG(model, base, x_train)        # reparametrizes once here
+    for x, y in loader:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()                                         # base step; every `every` steps a reparametrization
+
+Algorithm 1 of the paper (with its sign errors corrected, see docs): at t = 0, T, 2T, ... — i.e.
+at construction and right after every ``every``-th step — :func:`natgrad.nn.reparametrize` runs
+the model on ``samples`` training inputs, sets each layer's ``μ``, ``U = (Σ + εI)^(-1/2)`` and
+changes ``V``, ``d`` so that the network computes exactly the same function. The base optimizer's
+state for the reparametrized parameters (momentum, Adam moments, step counts) refers to the old
+coordinates, so it is **reset** (the fix of the paper's footnote 6); with ``momentum="transform"``
+(``torch.optim.SGD`` only) SGD momentum buffers are instead mapped to the new coordinates as the
+parameter displacements they are (``ΔV ← ΔV U_old U_new⁻¹``, ``Δd ← Δd + ΔW (μ_new − μ_old)``),
+so the pending momentum moves the function exactly as it would have.
+
+Resume: ``state_dict()`` is the base optimizer's plus a ``"prong"`` entry (step and
+reparametrization counters, the row-sampling generator). Construct PRONG (which reparametrizes),
+*then* load the model's and the optimizer's state dicts (and the torch RNG): training continues
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .. import nn as natgrad_nn
+from ..nn.reparametrize import check_eps, whitened_layers
+from ..nn.whitened import WhitenedLayer
+from .base import unwrap
+
+__all__ = ["PRONG"]
+
+MOMENTUM_POLICIES = ("reset", "transform")
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _first_tensor(batch):
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"data batches must be tensors or (x, y) pairs of tensors, got {type(batch).__name__}")
+    return batch
+
+
+class PRONG(torch.optim.Optimizer):
+    """Projected Natural Gradient Descent: ``base_optimizer`` on a whitened model, reparametrized
+    from ``samples`` inputs of ``data`` before the first step and after every ``every`` steps.
+
+    Args:
+        model: a model with whitened layers (:func:`natgrad.nn.whiten`).
+        base_optimizer: a ``torch.optim.Optimizer`` over (some of) ``model``'s parameters,
+            including whitened layers' parameters; it performs the steps. ``param_groups``,
+            ``state`` and ``defaults`` are the base optimizer's (LR schedulers work on PRONG).
+        data: training inputs: a tensor (``samples`` random rows are drawn each time, without
+            replacement; all rows if there are fewer), an ``(x, y)`` tuple of tensors, or a
+            re-iterable DataLoader / list of batches (tensors or ``(x, y)``), from which the first
+            batches of a fresh pass are concatenated up to ``samples`` rows.
+        every: T, the reparametrization period in steps (default 100).
+        samples: N_s, the number of inputs the statistics are estimated from (default 1000).
+        eps: ε > 0 added to the covariance eigenvalues (default 1e-2).
+        momentum: ``"reset"`` (default): after a reparametrization the base optimizer's state of
+            the whitened layers' parameters is cleared; ``"transform"``: SGD momentum buffers
+            are mapped to the new coordinates (``torch.optim.SGD`` only).
+        seed: seed of the generator drawing the rows of a tensor ``data`` (default
+            ``torch.initial_seed()``); the global RNG is not used for it.
+
+    Attributes: ``steps`` (completed steps), ``reparametrizations`` (count, including the one
+    at construction), ``last_info`` (what :func:`natgrad.nn.reparametrize` returned last).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        data,
+        every: int = 100,
+        samples: int = 1000,
+        eps: float = 1e-2,
+        momentum: str = "reset",
+        seed: int | None = None,
+    ) -> None:
+        model = unwrap(model)
+        layers = whitened_layers(model)
+        if not layers:
+            raise ValueError(
+                "PRONG needs a model with whitened layers: convert it with model = natgrad.nn.whiten(model) "
+                "and build the base optimizer over the converted model's parameters"
+            )
+        if isinstance(base_optimizer, PRONG) or not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer over the whitened model's parameters "
+                f"(e.g. torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)), got {type(base_optimizer).__name__}"
+            )
+        model_params = {id(p) for p in model.parameters()}
+        base_params = [p for g in base_optimizer.param_groups for p in g["params"]]
+        if any(id(p) not in model_params for p in base_params):
+            raise ValueError(
+                "base_optimizer has parameters that are not the model's: create it over the whitened model's "
+                "parameters, after natgrad.nn.whiten (whiten copies the model unless inplace=True)"
+            )
+        whitened_params = {id(p) for _, layer in layers for p in layer.parameters()}
+        if not any(id(p) in whitened_params for p in base_params):
+            raise ValueError("base_optimizer optimizes none of the whitened layers' parameters")
+        every = _check_count("every", every)
+        samples = _check_count("samples", samples)
+        eps = check_eps(eps)
+        if momentum not in MOMENTUM_POLICIES:
+            raise ValueError(f"momentum must be one of {MOMENTUM_POLICIES}, got {momentum!r}")
+        if momentum == "transform" and not isinstance(base_optimizer, torch.optim.SGD):
+            raise ValueError("momentum='transform' maps SGD momentum buffers: it needs a torch.optim.SGD base "
+                             "optimizer; use momentum='reset' for others")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
+        data = self._check_data(data)
+
+        # torch.optim.Optimizer's own set-up (hooks, step profiling) on a placeholder; param_groups,
+        # state and defaults are then the base optimizer's (see the properties below).
+        super().__init__([nn.Parameter(torch.zeros(0))], {})
+        self.__dict__.pop("_placeholder_groups", None)
+        self.__dict__.pop("_placeholder_state", None)
+        self.__dict__.pop("_placeholder_defaults", None)
+        self.base_optimizer = base_optimizer
+        self.model = model
+        self.data = data
+        self.every = every
+        self.samples = samples
+        self.eps = eps
+        self.momentum = momentum
+        self.generator = torch.Generator()
+        self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        self.steps = 0
+        self.reparametrizations = 0
+        self.last_info: dict | None = None
+        # t = 0. What it changes is kept until the first step, so that load_state_dict can undo it
+        # when the model already holds a checkpoint (loaded before PRONG was constructed).
+        undo = [(t, t.detach().clone()) for _, layer in layers
+                for t in (layer.weight, layer.bias, layer.mean, layer.whitener) if t is not None]
+        self.reparametrize()
+        self._undo = [(t, saved, t._version) for t, saved in undo]
+
+    # ---------------------------------------------------------------- proxies to the base optimizer
+    @property
+    def param_groups(self) -> list[dict]:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            return self.__dict__.setdefault("_placeholder_groups", [])
+        return base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self):
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            return self.__dict__.setdefault("_placeholder_state", {})
+        return base.state
+
+    @state.setter
+    def state(self, value) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_state"] = value
+        else:
+            base.state = value
+
+    @property
+    def defaults(self) -> dict:
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__.get("_placeholder_defaults", {}) if base is None else base.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_defaults"] = value
+        else:
+            base.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # the placeholder group of Optimizer.__init__
+            self.__dict__.setdefault("_placeholder_groups", []).append(param_group)
+            return
+        model_params = {id(p) for p in self.model.parameters()}
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if any(id(p) not in model_params for p in params):
+            raise ValueError("the new param group has parameters that are not the model's")
+        base.add_param_group(param_group)
+
+    # ---------------------------------------------------------------- data
+    @staticmethod
+    def _check_data(data):
+        if isinstance(data, tuple) and data and isinstance(data[0], Tensor):
+            data = data[0]
+        if isinstance(data, Tensor):
+            if data.dim() == 0 or data.shape[0] == 0:
+                raise ValueError("data is empty: PRONG needs training inputs to estimate the whitening")
+            return data
+        if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+            raise TypeError("data must be a tensor of training inputs, an (x, y) tuple, or a DataLoader/list of "
+                            f"batches, got {type(data).__name__}")
+        if iter(data) is data:
+            raise TypeError("data must be re-iterable (a DataLoader or a list of batches), not a one-shot "
+                            "iterator/generator: PRONG draws inputs from it at every reparametrization")
+        return data
+
+    def sample_inputs(self) -> Tensor:
+        """The inputs of the next reparametrization (``samples`` rows of ``data``)."""
+        data = self.data
+        if isinstance(data, Tensor):
+            n = data.shape[0]
+            if self.samples >= n:
+                return data
+            index = torch.randperm(n, generator=self.generator)[: self.samples]
+            return data[index.to(data.device)]
+        parts, count = [], 0
+        for batch in data:
+            x = _first_tensor(batch)
+            if x.dim() == 0 or x.shape[0] == 0:
+                continue
+            parts.append(x[: self.samples - count])
+            count += parts[-1].shape[0]
+            if count >= self.samples:
+                break
+        if not parts:
+            raise ValueError("data yielded no inputs: PRONG needs training inputs to estimate the whitening")
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # ---------------------------------------------------------------- the loop
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def backward(self, loss: Tensor, output: Tensor | None = None) -> None:
+        """``loss.backward()`` (for loops written for natgrad's curvature optimizers)."""
+        loss.backward()
+
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        """One step of the base optimizer; after every ``every``-th step, a reparametrization."""
+        self._undo = None
+        loss = self.base_optimizer.step() if closure is None else self.base_optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.reparametrize()
+        return loss
+
+    def reparametrize(self) -> dict:
+        """Reparametrize now from fresh samples of ``data`` and reset (or transform) the base
+        optimizer's state of the whitened layers. Returns the per-layer info."""
+        info = natgrad_nn.reparametrize(self.model, self.sample_inputs(), self.eps)
+        self._after_reparametrization(info)
+        self.reparametrizations += 1
+        self.last_info = info
+        return info
+
+    @torch.no_grad()
+    def _after_reparametrization(self, info: dict) -> None:
+        state = self.base_optimizer.state
+        for name, layer in whitened_layers(self.model):
+            params = [p for p in (layer.weight, layer.bias) if p is not None]
+            if self.momentum == "reset" or info.get(name) is None:
+                if info.get(name) is not None:
+                    for p in params:
+                        state.pop(p, None)
+                continue
+            self._transform_momentum(layer, info[name])
+
+    def _transform_momentum(self, layer: WhitenedLayer, info: dict) -> None:
+        state = self.base_optimizer.state
+        weight, bias = layer.weight, layer.bias
+        buf_v = state[weight].get("momentum_buffer") if weight in state else None
+        buf_d = state[bias].get("momentum_buffer") if bias is not None and bias in state else None
+        if buf_v is None and buf_d is None:
+            return
+        v = torch.zeros_like(weight) if buf_v is None else buf_v
+        d = None if bias is None else (torch.zeros_like(bias) if buf_d is None else buf_d)
+        new_v, new_d = layer.change_coordinates(
+            v, d, (info["previous_mean"], info["previous_whitener"]), (info["mean"], info["whitener_inverse"])
+        )
+        if buf_v is not None:
+            buf_v.copy_(new_v)
+        if bias is not None:
+            if buf_d is not None:
+                buf_d.copy_(new_d)
+            elif self._optimizes(bias):
+                state[bias]["momentum_buffer"] = new_d.to(bias.dtype).clone()
+
+    def _optimizes(self, param: Tensor) -> bool:
+        return any(p is param for g in self.base_optimizer.param_groups for p in g["params"])
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        state = self.base_optimizer.state_dict()
+        state["prong"] = {
+            "steps": self.steps,
+            "reparametrizations": self.reparametrizations,
+            "generator": self.generator.get_state(),
+            "every": self.every,
+            "samples": self.samples,
+            "eps": self.eps,
+            "momentum": self.momentum,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the base optimizer, the counters and the row-sampling generator (the model's
+        own state — V, d, μ, U — is in ``model.state_dict()``).
+
+        Resuming is bit-exact whether the model's state was loaded after constructing PRONG or
+        before: in the latter case (no step taken and the whitened layers untouched since the
+        construction), the construction's reparametrization is undone, since the checkpoint's
+        model was already reparametrized on the saved schedule."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("prong", None)
+        if not isinstance(extra, dict) or "steps" not in extra:
+            raise ValueError("not a PRONG state_dict (it has no 'prong' entry): use PRONG.state_dict() to save")
+        self.base_optimizer.load_state_dict(state_dict)
+        self.steps = int(extra["steps"])
+        self.reparametrizations = int(extra.get("reparametrizations", 0))
+        if "generator" in extra:
+            self.generator.set_state(extra["generator"])
+        undo, self._undo = self.__dict__.get("_undo"), None
+        if undo and all(t._version == version for t, _, version in undo):
+            with torch.no_grad():
+                for t, saved, _ in undo:
+                    t.copy_(saved)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (f"PRONG(every={self.every}, samples={self.samples}, eps={self.eps}, momentum={self.momentum!r}, "
+                f"base={type(self.base_optimizer).__name__})")
