@@ -54,45 +54,51 @@ def _linear_gram_pair(li: LayerData, lj: LayerData) -> Tensor:
         x = torch.einsum("nko,nkp->nop", g_i[s : s + step], g_j[s : s + step]).flatten(1)
         y = torch.einsum("nd,ne->nde", a_i[s : s + step], a_j[s : s + step]).flatten(1)
         z += x.T @ y
-    block = z.view(o_i, o_j, d_i, d_j).permute(0, 2, 1, 3).reshape(o_i * d_i, o_j * d_j)
-    rows = _matrix_to_flat(li)
-    cols = _matrix_to_flat(lj)
-    return block[rows][:, cols]
+    return _flat_block(z.view(o_i, o_j, d_i, d_j), li.adapter.has_bias, lj.adapter.has_bias)
 
 
 def _linear_gram_same(layer: LayerData) -> Tensor:
     a = layer.inputs[:, 0, 0, :]
     g = layer.grads[:, :, 0, 0, :]
     o, d = g.shape[-1], a.shape[-1]
-    io, jo = torch.triu_indices(o, o, device=a.device)
-    id_, jd = torch.triu_indices(d, d, device=a.device)
-    z = a.new_zeros(io.numel(), id_.numel())
-    step = _rows_per_chunk(g.shape[1] * io.numel() + id_.numel())
+    pairs_o, pairs_d = _upper_pairs(o, a.device), _upper_pairs(d, a.device)
+    z = a.new_zeros(pairs_o.numel(), pairs_d.numel())
+    step = _rows_per_chunk(o * o + d * d)
     for s in range(0, a.shape[0], step):
         gs, as_ = g[s : s + step], a[s : s + step]
-        x = (gs[:, :, io] * gs[:, :, jo]).sum(1)
-        y = as_[:, id_] * as_[:, jd]
+        x = torch.einsum("nko,nkp->nop", gs, gs).flatten(1).index_select(1, pairs_o)
+        y = torch.einsum("nd,ne->nde", as_, as_).flatten(1).index_select(1, pairs_d)
         z += x.T @ y
-    index = _symmetric_gather_index(o, d, tuple(layer.adapter.flat_index().tolist())).to(a.device)
-    return z.reshape(-1)[index]
+    # Expand the pairs to the 4-index tensor T[o, p, d, e] (symmetric in (o, p) and in (d, e)).
+    full = z.index_select(0, _pair_table(o).to(a.device).reshape(-1))
+    full = full.index_select(1, _pair_table(d).to(a.device).reshape(-1))
+    return _flat_block(full.view(o, o, d, d), layer.adapter.has_bias, layer.adapter.has_bias)
 
 
-def _matrix_to_flat(layer: LayerData) -> Tensor:
-    """Row selector taking joint-matrix order (o, d) to flat parameter order."""
-    return torch.argsort(layer.adapter.flat_index()).to(layer.grads.device)
+def _flat_block(t: Tensor, bias_i: bool, bias_j: bool) -> Tensor:
+    """T[o, p, d, e] = F[(o, d), (p, e)] in joint-matrix indices -> the block in flat order
+    (weights row-major, then biases) by slicing off the bias coordinate: no gathers."""
+    o_i, o_j, d_i, d_j = t.shape
+    w_i, w_j = d_i - int(bias_i), d_j - int(bias_j)
+    rows = [torch.cat(
+        [t[:, :, :w_i, :w_j].permute(0, 2, 1, 3).reshape(o_i * w_i, o_j * w_j)]
+        + ([t[:, :, :w_i, w_j].permute(0, 2, 1).reshape(o_i * w_i, o_j)] if bias_j else []),
+        dim=1,
+    )]
+    if bias_i:
+        rows.append(torch.cat(
+            [t[:, :, w_i, :w_j].reshape(o_i, o_j * w_j)] + ([t[:, :, w_i, w_j]] if bias_j else []), dim=1
+        ))
+    return torch.cat(rows, dim=0)
 
 
-@lru_cache(maxsize=16)
-def _symmetric_gather_index(o: int, d: int, flat_index: tuple[int, ...]) -> Tensor:
-    """[P, P] positions into the (o≤p, d≤e) pair products giving the block in flat order."""
-    pair_o = _pair_table(o)
-    pair_d = _pair_table(d)
-    inverse = torch.argsort(torch.tensor(flat_index))
-    rows_o, rows_d = inverse // d, inverse % d
-    n_d = d * (d + 1) // 2
-    return pair_o[rows_o[:, None], rows_o[None, :]] * n_d + pair_d[rows_d[:, None], rows_d[None, :]]
+def _upper_pairs(n: int, device: torch.device) -> Tensor:
+    """Flat indices i·n + j of the pairs i ≤ j, in triu order."""
+    i, j = torch.triu_indices(n, n, device=device)
+    return i * n + j
 
 
+@lru_cache(maxsize=32)
 def _pair_table(n: int) -> Tensor:
     i, j = torch.triu_indices(n, n)
     table = torch.empty(n, n, dtype=torch.long)
