@@ -20,6 +20,31 @@ from .layout import Block
 from .likelihoods import Likelihood
 
 
+def _backprop(output: Tensor, nodes: list[Tensor], vectors: list[Tensor], retain_graph: bool) -> list[Tensor]:
+    """∂⟨output, v_k⟩/∂node for every node and vector: [K, *node.shape] per node.
+
+    All K vectors go through one vmapped backward (``is_grads_batched``); graphs with an
+    operation vmap cannot batch fall back to one backward per vector.
+    """
+    if len(vectors) > 1:
+        try:
+            grads = torch.autograd.grad(
+                output, nodes, torch.stack(vectors), retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+            return [torch.zeros((len(vectors),) + node.shape, dtype=node.dtype, device=node.device) if g is None else g
+                    for node, g in zip(nodes, grads)]
+        except RuntimeError:
+            pass
+    columns: list[list[Tensor]] = [[] for _ in nodes]
+    for k, v in enumerate(vectors):
+        grads = torch.autograd.grad(
+            output, nodes, v, retain_graph=retain_graph or k < len(vectors) - 1, allow_unused=True
+        )
+        for column, node, grad in zip(columns, nodes, grads):
+            column.append(torch.zeros_like(node) if grad is None else grad)
+    return [torch.stack(column) for column in columns]
+
+
 def _shared_parameter_owners(model: nn.Module) -> set[str]:
     """Names of modules that hold a parameter object also held by another module."""
     owners: dict[int, list[str]] = {}
@@ -188,18 +213,14 @@ class Collector:
             return {}
         order = list(self.adapters.items())
         nodes = [capture.outputs[a.name] for _, a in order]
-        columns: list[list[Tensor]] = [[] for _ in order]
-        for k, v in enumerate(vectors):
-            grads = torch.autograd.grad(
-                output, nodes, v, retain_graph=retain_graph or k < len(vectors) - 1, allow_unused=True
-            )
-            for j, (node, grad) in enumerate(zip(nodes, grads)):
-                grad = torch.zeros_like(node) if grad is None else grad
-                columns[j].append(order[j][1].output_grads(grad))
-        return {
-            i: LayerData(a, a.layer_inputs(capture.inputs[a.name]), torch.stack(columns[j], dim=1))
-            for j, (i, a) in enumerate(order)
-        }
+        grads = _backprop(output, nodes, vectors, retain_graph)  # per node [K, *node.shape]
+        k, n = len(vectors), output.shape[0]
+        layers = {}
+        for (i, adapter), node, grad in zip(order, nodes, grads):
+            g = adapter.output_grads(grad.reshape(k * n, *node.shape[1:]))
+            # [K, N, T, G, O] seen as [N, K, T, G, O] (a view: no copy)
+            layers[i] = LayerData(adapter, adapter.layer_inputs(capture.inputs[adapter.name]), g.unflatten(0, (k, n)).transpose(0, 1))
+        return layers
 
     def _generic_data(self, inputs: Tensor, vectors: list[Tensor]) -> dict[int, Tensor]:
         generic = [i for i in range(len(self.blocks)) if i not in self.adapters]

@@ -108,7 +108,10 @@ def input_gram(layer: LayerData) -> Tensor:
 def output_gram(layer: LayerData) -> Tensor:
     """Σ_{n,k,t} g gᵀ per group: [G, O, O]."""
     g, o = layer.grads.shape[-2:]
-    y = layer.grads.reshape(-1, g, o)
+    grads = layer.grads
+    if not grads.is_contiguous() and grads.transpose(0, 1).is_contiguous():
+        grads = grads.transpose(0, 1)  # the sum runs over all rows: any row order will do
+    y = grads.reshape(-1, g, o)
     if g == 1:
         return symmetric_gram(y[:, 0, :]).unsqueeze(0)
     y = y.transpose(0, 1)
