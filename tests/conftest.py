@@ -12,22 +12,9 @@ except ImportError:
     if _SRC not in sys.path:
         sys.path.insert(0, _SRC)
 
-# The correctness suite's tensors are tiny: intra-op threads only add overhead, and under
-# CPU contention (parallel jobs) spinning worker threads slow it down many times over. Only
-# these modules run single-threaded (benchmark tests keep the machine's setting).
-_SINGLE_THREADED = {
-    "test_reference", "test_fisher_exact", "test_structures", "test_contract", "test_mc",
-    "test_ekfac", "test_bad_input", "test_model_unchanged", "test_matrix_is_fixed",
-    "test_internal_chunking",
-}
-
-
 @pytest.fixture(autouse=True)
-def _single_thread(request):
-    name = getattr(request.module, "__name__", "").rpartition(".")[2]
-    if name not in _SINGLE_THREADED:
-        yield
-        return
+def _single_thread():
+    """Every test runs on one thread: the suite shares 2 cores and tiny tensors gain nothing."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-from test_optim_helpers import optim, single_thread
+from test_optim_helpers import optim
 
-assert single_thread
 
 STEPS = 200
 BATCH = 128

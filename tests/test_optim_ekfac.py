@@ -18,10 +18,9 @@ import helpers as H
 import reference as ref
 from test_optim_helpers import (
     bases_of, data, eigen_direction, ekfac_direction, ekfac_scales, grad_of, mlp, optim,
-    single_thread, step_change,
+    step_change,
 )
 
-assert single_thread
 
 
 def plain():

@@ -29,16 +29,6 @@ DT = torch.float64
 # --------------------------------------------------------------------------------------
 # machine hygiene: the suite shares 2 cores; tiny tensors gain nothing from threads
 # --------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def optim():
     import natgrad.optim
 

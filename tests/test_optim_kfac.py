@@ -25,10 +25,9 @@ import helpers as H
 import reference as ref
 from test_optim_helpers import (
     DT, data, eigen_direction, factored_direction, flat_params, grad_of, layer_slices, mlp, nll,
-    opt_factors, optim, single_thread, step_change, train_step,
+    opt_factors, optim, step_change, train_step,
 )
 
-assert single_thread  # autouse fixture, imported to apply here
 
 MODELS = {"mlp": lambda: mlp(0), "cnn": lambda: H.cnn(0)}
 

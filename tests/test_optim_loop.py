@@ -20,10 +20,9 @@ import helpers as H
 import reference as ref
 from test_optim_helpers import (
     DT, assert_same, data, flat_params, grad_of, layer_slices, loss_of, mlp, nll, optim,
-    roundtrip, single_thread, step_change, train_step,
+    roundtrip, step_change, train_step,
 )
 
-assert single_thread
 
 NAMES = ("KFAC", "EKFAC", "NGD")
 

@@ -16,10 +16,9 @@ import torch
 import helpers as H
 import reference as ref
 from test_optim_helpers import (
-    DT, data, flat_params, grad_of, layer_slices, mlp, nll, optim, single_thread, step_change,
+    DT, data, flat_params, grad_of, layer_slices, mlp, nll, optim, step_change,
 )
 
-assert single_thread
 
 ITERATIVE = ("implicit", "kron_sum")
 

@@ -19,11 +19,10 @@ import helpers as H
 import reference as ref
 from test_optim_helpers import (
     DT, bases_of, data, ekfac_direction, ekfac_scales, factored_direction, fisher_quadratic,
-    flat_params, grad_of, layer_slices, loss_of, mlp, optim, single_thread, step_change,
+    flat_params, grad_of, layer_slices, loss_of, mlp, optim, step_change,
     train_step,
 )
 
-assert single_thread
 
 BIG = 1e10  # a kl_clip that never binds
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import helpers as H
-from test_optim_helpers import assert_same, mlp, nll, optim, roundtrip, single_thread
+from test_optim_helpers import assert_same, mlp, nll, optim, roundtrip
 
-assert single_thread
 
 STEPS = 7
 

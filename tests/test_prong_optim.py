@@ -20,16 +20,6 @@ DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def lib():
     import natgrad.nn as nnn
     from natgrad.optim.prong import PRONG

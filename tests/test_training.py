@@ -1,0 +1,154 @@
+"""natgrad.training: metrics, summary, checkpoints and bit-for-bit resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from natgrad.training import CHECKPOINT, OPTIMIZERS, OptimizerSpec, register_optimizer, run, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _params(path):
+    return torch.load(path / CHECKPOINT, weights_only=True)["model"]
+
+
+def test_short_run_writes_metrics_summary_checkpoint(tmp_path):
+    summary = train("digits-mlp", "kfac", steps=12, out=tmp_path, progress=False, eval_every=5)
+    records = _lines(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(13))
+    assert records[0]["train_loss"] is None and records[0]["full_train_loss"] > 1.5
+    assert {"step", "epoch", "time_s", "train_loss"} <= set(records[3])
+    assert "full_train_loss" not in records[3]
+    evals = [r["step"] for r in records if "full_train_loss" in r]
+    assert evals == [0, 5, 10, 12]  # every 5 steps and the last
+    assert {"test_loss", "test_accuracy"} <= set(records[5])
+    times = [r["time_s"] for r in records]
+    assert times == sorted(times) and times[-1] == pytest.approx(summary["time_s"])
+    assert records[12]["epoch"] == pytest.approx(1.0)  # 12 batches of 128 cover 1437 examples
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["steps"] == 12 and summary["stopped_by"] == "steps" and summary["optimizer"] == "kfac"
+    assert summary["final_train_loss"] == records[-1]["full_train_loss"]
+    assert 0 <= summary["final_test_accuracy"] <= 1 and summary["target_loss"] == 0.05
+    ck = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert ck["step"] == 12 and {"model", "optimizer", "torch_rng", "data_rng"} <= set(ck)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_epochs_and_time_budget_limits():
+    s = train("digits-mlp", "sgd", epochs=2, progress=False)
+    assert s["steps"] == 24 and s["stopped_by"] == "epochs" and s["epochs"] == 2
+    s = train("digits-mlp", "adam", time_budget=0.2, progress=False)
+    assert s["stopped_by"] == "time_budget" and s["time_s"] >= 0.2 and s["steps"] > 1
+
+
+def test_target_is_reached_on_digits():
+    s = train("digits-mlp", "kfac", steps=80, progress=False)
+    assert s["steps_to_target"] is not None and s["steps_to_target"] % 5 == 0
+    assert 0 < s["time_to_target_s"] <= s["time_s"] and s["final_train_loss"] < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "adam"])
+def test_resume_equals_uninterrupted_run(tmp_path, optimizer):
+    """Stop at 11 (mid-epoch), resume to 30: same losses and parameters bit for bit."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train("digits-mlp", optimizer, steps=30, out=full, progress=False, checkpoint_every=7)
+    train("digits-mlp", optimizer, steps=11, out=part, progress=False, checkpoint_every=7)
+    assert torch.load(part / CHECKPOINT, weights_only=True)["step"] == 11
+    summary = train("digits-mlp", optimizer, steps=30, out=part, resume=True, progress=False)
+    a, b = _lines(full / "metrics.jsonl"), _lines(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(31))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    for key, value in _params(full).items():
+        assert torch.equal(value, _params(part)[key]), key
+    assert summary["final_train_loss"] == json.loads((full / "summary.json").read_text())["final_train_loss"]
+
+
+def test_resume_after_a_crash_drops_lines_after_the_checkpoint(tmp_path):
+    """A run killed after its checkpoint at step 7 (metrics written up to 12) resumes exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train("digits-mlp", "kfac", steps=20, out=full, progress=False)
+    train("digits-mlp", "kfac", steps=7, out=part, progress=False)
+    saved = (part / CHECKPOINT).read_bytes()
+    train("digits-mlp", "kfac", steps=12, out=part, resume=True, progress=False)
+    (part / CHECKPOINT).write_bytes(saved)  # as if killed before the end-of-run checkpoint
+    train("digits-mlp", "kfac", steps=20, out=part, resume=True, progress=False)
+    a, b = _lines(full / "metrics.jsonl"), _lines(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(21))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train("digits-mlp", "kfac", steps=2, out=tmp_path, resume=True, progress=False)
+    train("digits-mlp", "kfac", steps=2, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="optimizer='kfac'"):
+        train("digits-mlp", "adam", steps=4, out=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="lr=1.0"):
+        train("digits-mlp", "kfac", steps=4, lr=0.5, out=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="resume needs"):
+        train("digits-mlp", "kfac", steps=2, resume=True, progress=False)
+
+
+def test_fresh_run_replaces_an_old_one(tmp_path):
+    train("digits-mlp", "sgd", steps=6, out=tmp_path, progress=False)
+    train("digits-mlp", "sgd", steps=3, out=tmp_path, progress=False)
+    assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; known optimizers: sgd, adam, kfac"),
+    ({"lr": 0.0}, "lr must be a positive number"),
+    ({"lr": float("nan")}, "lr must be a positive number"),
+    ({"steps": -3}, "steps must be a positive integer"),
+    ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+    ({"optimizer": "sgd", "damping": 0.1}, "damping is only used"),
+    ({"task": "cifar"}, "unknown task 'cifar'"),
+])
+def test_bad_arguments(tmp_path, kwargs, match):
+    args = {"task": "digits-mlp", "optimizer": "kfac", "steps": 2, "out": tmp_path / "o", "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        train(args.pop("task"), args.pop("optimizer"), **args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_divergence_stops_the_run():
+    s = train("digits-mlp", "sgd", lr=1e38, steps=50, progress=False)  # weights overflow to inf
+    assert s["diverged"] and s["stopped_by"] == "diverged" and s["steps"] < 50
+    assert s["steps_to_target"] is None
+
+
+def test_registering_an_optimizer_is_one_line():
+    register_optimizer("rmsprop", OptimizerSpec(lambda m, t, lr, d: torch.optim.RMSprop(m.parameters(), lr=lr or 1e-3),
+                                                lr_grid=(1e-3,)))
+    try:
+        result = run("digits-mlp", "rmsprop", steps=3, progress=False)
+        assert result.summary["optimizer"] == "rmsprop" and len(result.records) == 4
+    finally:
+        del OPTIMIZERS["rmsprop"]
+
+
+@pytest.mark.parametrize("optimizer", ["ekfac", "ngd", "sgd"])
+def test_other_optimizers_resume(tmp_path, optimizer):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train("digits-mlp", optimizer, steps=6, out=full, progress=False)
+    train("digits-mlp", optimizer, steps=3, out=part, progress=False)
+    train("digits-mlp", optimizer, steps=6, out=part, resume=True, progress=False)
+    for key, value in _params(full).items():
+        assert torch.equal(value, _params(part)[key]), key
+    shutil.rmtree(part)
