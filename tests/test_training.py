@@ -134,7 +134,7 @@ def test_divergence_stops_the_run():
 
 
 def test_registering_an_optimizer_is_one_line():
-    register_optimizer("rmsprop", OptimizerSpec(lambda m, t, lr, d: torch.optim.RMSprop(m.parameters(), lr=lr or 1e-3),
+    register_optimizer("rmsprop", OptimizerSpec(lambda m, t, lr, d, x: torch.optim.RMSprop(m.parameters(), lr=lr or 1e-3),
                                                 lr_grid=(1e-3,)))
     try:
         result = run("digits-mlp", "rmsprop", steps=3, progress=False)
@@ -143,7 +143,7 @@ def test_registering_an_optimizer_is_one_line():
         del OPTIMIZERS["rmsprop"]
 
 
-@pytest.mark.parametrize("optimizer", ["ekfac", "ngd", "sgd"])
+@pytest.mark.parametrize("optimizer", ["ekfac", "ngd", "sgd", "prong"])
 def test_other_optimizers_resume(tmp_path, optimizer):
     full, part = tmp_path / "full", tmp_path / "part"
     train("digits-mlp", optimizer, steps=6, out=full, progress=False)

@@ -17,7 +17,7 @@ The target loss is reached at the first evaluation whose full training loss is â
 target, so ``steps_to_target`` has the resolution of ``eval_every``.
 
 Optimizers are a small registry (:data:`OPTIMIZERS`); adding one is one line, e.g.
-``OPTIMIZERS["prong"] = OptimizerSpec(_natgrad("PRONG"), lr_grid=(0.1, 0.3, 1.0), curvature=True)``.
+``OPTIMIZERS["name"] = OptimizerSpec(make, lr_grid=(0.1, 0.3, 1.0))``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .tasks import Data, Task, get_task
 
@@ -49,17 +49,17 @@ CHECKPOINT_VERSION = 1
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """``make(model, task, lr, damping)`` (``None``: the optimizer's own default); ``curvature``
+    """``make(model, task, lr, damping, train_inputs)`` (``None``: the optimizer's own default); ``curvature``
     optimizers train with ``opt.backward(loss, output)`` and take a damping; ``lr_grid`` is what
     ``compare`` tries. The lr/damping actually used are read back from ``param_groups[0]``."""
 
-    make: Callable[[nn.Module, Task, float | None, float | None], torch.optim.Optimizer]
+    make: Callable[[nn.Module, Task, float | None, float | None, Tensor], torch.optim.Optimizer]
     lr_grid: tuple[float, ...]
     curvature: bool = False
 
 
 def _natgrad(class_name: str, **options):
-    def make(model: nn.Module, task: Task, lr: float | None, damping: float | None):
+    def make(model: nn.Module, task: Task, lr: float | None, damping: float | None, train_inputs: Tensor):
         import natgrad.optim as optim
 
         given = {k: v for k, v in (("lr", lr), ("damping", damping)) if v is not None}
@@ -68,12 +68,24 @@ def _natgrad(class_name: str, **options):
     return make
 
 
+def _prong(model: nn.Module, task: Task, lr: float | None, damping: float | None, train_inputs: Tensor):
+    """PRONG: the task's layers whitened in place, SGD with momentum 0.9 on (V, d), statistics
+    from the training inputs (defaults every=100, samples=1000, eps=1e-2)."""
+    import natgrad.nn
+    import natgrad.optim as optim
+
+    natgrad.nn.whiten(model, inplace=True)
+    base = torch.optim.SGD(model.parameters(), lr=lr or 0.1, momentum=0.9)
+    return optim.PRONG(model, base, train_inputs)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(lambda m, t, lr, d: torch.optim.SGD(m.parameters(), lr=lr or 0.1, momentum=0.9), (0.03, 0.1, 0.3)),
-    "adam": OptimizerSpec(lambda m, t, lr, d: torch.optim.Adam(m.parameters(), lr=lr or 3e-3), (1e-3, 3e-3, 1e-2)),
+    "sgd": OptimizerSpec(lambda m, t, lr, d, x: torch.optim.SGD(m.parameters(), lr=lr or 0.1, momentum=0.9), (0.03, 0.1, 0.3)),
+    "adam": OptimizerSpec(lambda m, t, lr, d, x: torch.optim.Adam(m.parameters(), lr=lr or 3e-3), (1e-3, 3e-3, 1e-2)),
     "kfac": OptimizerSpec(_natgrad("KFAC"), (0.1, 0.3, 1.0), curvature=True),
     "ekfac": OptimizerSpec(_natgrad("EKFAC"), (0.1, 0.3, 1.0), curvature=True),
     "ngd": OptimizerSpec(_natgrad("NGD"), (0.1, 0.3, 1.0), curvature=True),
+    "prong": OptimizerSpec(_prong, (0.03, 0.1, 0.3)),
 }
 
 
@@ -240,7 +252,7 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         torch.manual_seed(config["seed"])
         self.model = task.make_model()
-        self.opt = spec.make(self.model, task, config["lr"], config["damping"])
+        self.opt = spec.make(self.model, task, config["lr"], config["damping"], data.x_train)
         group = self.opt.param_groups[0]
         config["lr"], config["damping"] = float(group["lr"]), (float(group["damping"]) if spec.curvature else None)
         if out is not None:  # only now: bad input must leave nothing behind
