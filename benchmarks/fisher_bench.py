@@ -357,8 +357,7 @@ def child_main(args) -> None:
     elif case is not None:
         prep = prepare(case, wl, natgrad, args.cnn_data)
         if args._phase == "run":
-            out = prep.call()
-            del out
+            prep.call()
     C.child_report()
 
 

@@ -7,8 +7,8 @@ opt.step()                # the estimator's vectors through the same graph
 ```
 A subclass supplies ``_update_statistics(batch)`` (on statistics steps), ``_refresh()`` (on
 inverse steps) and ``_direction(grads)`` — the preconditioned gradient Δ (flat, descent is −Δ).
-This class turns Δ into a step (exact-Fisher quadratic model, KL clip or plain lr, momentum,
-weight decay, adaptive damping) and keeps every piece of state in ``state_dict``.
+:class:`~natgrad.optim.step_rules.StepRules` turns Δ into a step; this class runs the loop and
+keeps every piece of state in ``state_dict``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..linalg import check_damping
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
-from .quadratic import quadratic_model
+from .step_rules import StepRules
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,7 +51,7 @@ def check_weight_decay(value: float) -> float:
     return float(value)
 
 
-class CurvatureOptimizer(torch.optim.Optimizer):
+class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
     """Base class; see the module docstring. ``param_groups`` (optional) are dicts with
     ``params`` (parameters of ``model``) and overrides of ``lr``/``damping``/``weight_decay``;
     a layer's parameters must share one group."""
@@ -114,6 +114,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._stats_batch: BatchData | None = None
         self._skip = False
         self._warned_no_graph = False
+        self.step_state: dict = {}  # previous step δ₀, momentum buffer, last (α, μ), LM ratio
         self._arm()
 
     # ---------------------------------------------------------------- setup
@@ -315,90 +316,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group = self._group_of(self.block_params[block_index][0])
         return float(group["damping"]) + float(group["weight_decay"])
 
-    # ---------------------------------------------------------------- step rules
-    def _update(self, direction: Tensor, grads: Tensor):
-        """The parameter change (to subtract) and the quadratic model used, if any."""
-        policy = self.step_policy
-        lr = self._per_param("lr")
-        state = self._global()
-        previous = state.get("previous")
-        rescale = policy.rescale
-        if rescale == "quadratic" and self._pending is None:
-            if not self._warned_no_graph:
-                warnings.warn(
-                    "the exact-Fisher quadratic model needs the graph, which loss.backward() freed: "
-                    "steps use rescale='kl_clip' instead; call opt.backward(loss, output) to keep it",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                self._warned_no_graph = True
-            rescale = "kl_clip"
-        model = None
-        if rescale == "quadratic":
-            damping = self._per_param("damping") + self._per_param("weight_decay")
-            with torch.enable_grad():
-                model = quadratic_model(
-                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping
-                )
-            coeff = model.optimum(use_momentum=previous is not None)
-            coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
-            proposal = float(coeff[0]) * -direction
-            if previous is not None:
-                proposal = proposal + float(coeff[1]) * previous
-            change = -lr * proposal
-            state["coeff"] = (float(coeff[0]), float(coeff[1]))
-        else:
-            scale = 1.0
-            if rescale == "kl_clip":
-                quad = float((lr * lr * direction * grads).sum())
-                scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
-            buffer = state.get("momentum_buffer")
-            step = scale * direction
-            buffer = step if buffer is None or policy.momentum == 0 else policy.momentum * buffer + step
-            state["momentum_buffer"] = buffer
-            change = lr * buffer
-        state["previous"] = -change
-        return change, model
-
-    def _apply(self, change: Tensor) -> None:
-        offset = 0
-        for p in self._params():
-            n = p.numel()
-            p.sub_(change[offset : offset + n].view_as(p))
-            offset += n
-
-    def _adapt_damping(self, model, loss: Tensor | None) -> None:
-        policy = self.damping_policy
-        if not policy.adaptive or self.steps % policy.adapt_every != 0:
-            return
-        if loss is None:
-            raise RuntimeError("adaptive damping needs the loss after the step: call opt.step(closure)")
-        if model is None:
-            raise RuntimeError("adaptive damping needs the graph: call opt.backward(loss, output)")
-        state = self._global()
-        before = float(self._pending[1])
-        coeff = state.get("coeff")
-        predicted = model.value(torch.tensor(coeff, dtype=torch.float64) * float(self.param_groups[0]["lr"])) if coeff else None
-        if not predicted or predicted >= 0:
-            return
-        ratio = (float(loss) - before) / predicted
-        omega = policy.omega**policy.adapt_every
-        for group in self.param_groups:
-            value = group["damping"]
-            if ratio > 0.75:
-                value *= omega
-            elif ratio < 0.25:
-                value /= omega
-            group["damping"] = min(max(value, policy.min_damping), policy.max_damping)
-        state["ratio"] = ratio
-
     # ---------------------------------------------------------------- state
-    def _global(self) -> dict:
-        return self.__dict__.setdefault("_global_state", {})
-
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["natgrad"] = {"steps": self.steps, **{k: v for k, v in self._global().items()}, **self._extra_state()}
+        state["natgrad"] = {"steps": self.steps, **{k: v for k, v in self.step_state.items()}, **self._extra_state()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -407,7 +328,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.steps = int(extra.pop("steps", 0))
         self._load_extra_state(extra)
-        self._global_state = {k: extra[k] for k in ("previous", "momentum_buffer", "coeff", "ratio") if k in extra}
+        self.step_state = {k: extra[k] for k in ("previous", "momentum_buffer", "coeff", "ratio") if k in extra}
         self._arm()
 
     def _extra_state(self) -> dict:

@@ -1,0 +1,98 @@
+"""How a preconditioned direction Δ becomes a parameter change (a mixin of the optimizers).
+
+``rescale="quadratic"``: δ = lr·(αΔ + μδ₀) with (α, μ) minimising the exact-Fisher quadratic
+model of the batch (Martens & Grosse §6.4, §7), shrunk into the Fisher-norm trust region;
+``"kl_clip"``: Δ scaled so that lr²Δᵀ∇ ≤ kl_clip, then heavy-ball momentum; ``"none"``: lr and
+momentum. Adaptive damping (Levenberg–Marquardt) compares the loss change with the model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from .quadratic import quadratic_model
+
+
+class StepRules:
+    """Needs from the optimizer: ``step_policy``, ``damping_policy``, ``param_groups``,
+    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``_params()``, ``_per_param()``."""
+
+    def _update(self, direction: Tensor, grads: Tensor):
+        """The parameter change (to subtract) and the quadratic model used, if any."""
+        policy = self.step_policy
+        lr = self._per_param("lr")
+        state = self.step_state
+        previous = state.get("previous")
+        rescale = policy.rescale
+        if rescale == "quadratic" and self._pending is None:
+            if not self._warned_no_graph:
+                warnings.warn(
+                    "the exact-Fisher quadratic model needs the graph, which loss.backward() freed: "
+                    "steps use rescale='kl_clip' instead; call opt.backward(loss, output) to keep it",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                self._warned_no_graph = True
+            rescale = "kl_clip"
+        model = None
+        if rescale == "quadratic":
+            damping = self._per_param("damping") + self._per_param("weight_decay")
+            with torch.enable_grad():
+                model = quadratic_model(
+                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping
+                )
+            coeff = model.optimum(use_momentum=previous is not None)
+            coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
+            proposal = float(coeff[0]) * -direction
+            if previous is not None:
+                proposal = proposal + float(coeff[1]) * previous
+            change = -lr * proposal
+            state["coeff"] = (float(coeff[0]), float(coeff[1]))
+        else:
+            scale = 1.0
+            if rescale == "kl_clip":
+                quad = float((lr * lr * direction * grads).sum())
+                scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
+            buffer = state.get("momentum_buffer")
+            step = scale * direction
+            buffer = step if buffer is None or policy.momentum == 0 else policy.momentum * buffer + step
+            state["momentum_buffer"] = buffer
+            change = lr * buffer
+        state["previous"] = -change
+        return change, model
+
+    def _apply(self, change: Tensor) -> None:
+        offset = 0
+        for p in self._params():
+            n = p.numel()
+            p.sub_(change[offset : offset + n].view_as(p))
+            offset += n
+
+    def _adapt_damping(self, model, loss: Tensor | None) -> None:
+        policy = self.damping_policy
+        if not policy.adaptive or self.steps % policy.adapt_every != 0:
+            return
+        if loss is None:
+            raise RuntimeError("adaptive damping needs the loss after the step: call opt.step(closure)")
+        if model is None:
+            raise RuntimeError("adaptive damping needs the graph: call opt.backward(loss, output)")
+        state = self.step_state
+        before = float(self._pending[1])
+        coeff = state.get("coeff")
+        predicted = model.value(torch.tensor(coeff, dtype=torch.float64) * float(self.param_groups[0]["lr"])) if coeff else None
+        if not predicted or predicted >= 0:
+            return
+        ratio = (float(loss) - before) / predicted
+        omega = policy.omega**policy.adapt_every
+        for group in self.param_groups:
+            value = group["damping"]
+            if ratio > 0.75:
+                value *= omega
+            elif ratio < 0.25:
+                value /= omega
+            group["damping"] = min(max(value, policy.min_damping), policy.max_damping)
+        state["ratio"] = ratio
