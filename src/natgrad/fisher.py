@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp
 
 from .capture import preserved_state
 from .collect import Collector
 from .data import iter_batches
 from .estimators import backprop_vectors, check_estimator, outer_curvature
 from .functional import model_function, snapshot
+from .linearized import LinearizedOutput
 from .layout import check_vector, model_dtype_device, parameter_blocks
 from .likelihoods import Likelihood, get_likelihood
 from .linalg import check_damping
@@ -101,10 +101,11 @@ def _refuse_batchnorm_training(model: nn.Module) -> None:
 
 def _implicit(model, blocks, batches, likelihood, estimator, samples) -> ImplicitFisher:
     params, others = snapshot(model)
+    params = {name: p.requires_grad_(True) for name, p in params.items()}
     function = model_function(model, others)
     implicit_batches, examples = [], 0
     for inputs, targets in batches:
-        output, pullback = vjp(lambda p, x=inputs: function(p, x), params)
+        output = function(params, inputs)
         likelihood.check_output(output)
         if estimator == "empirical":
             likelihood.check_target(output, targets)
@@ -114,5 +115,6 @@ def _implicit(model, blocks, batches, likelihood, estimator, samples) -> Implici
         else:
             vectors = torch.stack(backprop_vectors(likelihood, estimator, output, targets, samples))
             curvature = outer_curvature(vectors)
-        implicit_batches.append(ImplicitBatch(inputs, pullback, curvature, torch.zeros_like(output)))
+        linearized = LinearizedOutput(output, list(params.values()))
+        implicit_batches.append(ImplicitBatch(inputs, linearized, curvature))
     return ImplicitFisher(blocks, function, params, implicit_batches, examples)

@@ -14,7 +14,7 @@ from ..estimators import outer_curvature
 from ..layout import Block
 from ..likelihoods import Likelihood
 from ..representations.base import FisherMatrix
-from .linearized import LinearizedOutput
+from ..linearized import LinearizedOutput
 
 
 class GraphFisher(FisherMatrix):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..likelihoods import Likelihood
-from .linearized import LinearizedOutput
+from ..linearized import LinearizedOutput
 
 
 @dataclass
