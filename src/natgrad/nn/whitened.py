@@ -40,6 +40,18 @@ from ..layers.linear import LinearAdapter
 __all__ = ["WhitenedLinear", "WhitenedConv2d", "WhitenedLayer", "WhitenedLinearAdapter", "WhitenedConv2dAdapter"]
 
 
+def _copy_parameters(source: nn.Module, target: nn.Module, weight: Tensor, bias: Tensor | None):
+    """``target`` with ``weight``/``bias`` copied in, their requires_grad and ``source``'s mode."""
+    with torch.no_grad():
+        target.weight.copy_(weight)
+        target.weight.requires_grad_(source.weight.requires_grad)
+        if bias is not None:
+            target.bias.copy_(bias)
+            target.bias.requires_grad_(source.bias.requires_grad)
+    target.train(source.training)
+    return target
+
+
 class WhitenedLayer(nn.Module):
     """Shared machinery: ``weight`` (V), ``bias`` (d or None), buffers ``mean`` and ``whitener``.
 
@@ -189,14 +201,7 @@ class WhitenedLinear(WhitenedLayer):
         weight = layer.weight
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
                   device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            new.weight.requires_grad_(weight.requires_grad)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
-                new.bias.requires_grad_(layer.bias.requires_grad)
-        new.train(layer.training)
-        return new
+        return _copy_parameters(layer, new, layer.weight, layer.bias)
 
     def to_linear(self) -> nn.Linear:
         """The ordinary ``nn.Linear`` with ``W = V U``, ``b = d − W μ``."""
@@ -319,14 +324,7 @@ class WhitenedConv2d(WhitenedLayer):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
                   device=weight.device, dtype=weight.dtype, name=name)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            new.weight.requires_grad_(weight.requires_grad)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
-                new.bias.requires_grad_(layer.bias.requires_grad)
-        new.train(layer.training)
-        return new
+        return _copy_parameters(layer, new, layer.weight, layer.bias)
 
     def to_conv(self) -> nn.Conv2d:
         """The ordinary ``nn.Conv2d`` with kernel ``W = V ·_in U`` and ``b = d − Σ_taps W μ``."""
