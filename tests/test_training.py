@@ -152,3 +152,15 @@ def test_other_optimizers_resume(tmp_path, optimizer):
     for key, value in _params(full).items():
         assert torch.equal(value, _params(part)[key]), key
     shutil.rmtree(part)
+
+
+MNIST_DIR = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason="no MNIST t10k files")
+def test_autoencoder_reports_reconstruction_error_not_accuracy(tmp_path):
+    s = train("mnist-autoencoder", "kfac", steps=2, out=tmp_path, progress=False, mnist_dir=MNIST_DIR)
+    assert s["final_test_accuracy"] is None and s["final_test_reconstruction_error"] > 0
+    assert s["target_loss"] == 130.0 and 100 < s["final_train_loss"] < 1000  # nats per image
+    last = _lines(tmp_path / "metrics.jsonl")[-1]
+    assert last["test_accuracy"] is None and last["test_reconstruction_error"] > 0

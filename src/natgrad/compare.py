@@ -122,7 +122,9 @@ def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=N
         if summary[name]["steps_to_target"] is not None:
             summary[name]["steps_to_target"] = int(summary[name]["steps_to_target"])
         rows[name] = dict(summary[name], test_loss=_median([s["final_test_loss"] for s in sums]),
-                          steps=_median([s["steps"] for s in sums]))
+                          steps=_median([s["steps"] for s in sums]),
+                          metric=summary[name]["final_test_accuracy"] if task.classifier else
+                          _median([s.get("final_test_reconstruction_error") for s in sums]))
     table = _markdown(task, budget, seeds, grid, rows, runs, wall)
     if verbose:
         print(table, end="")
@@ -144,14 +146,15 @@ def _markdown(task, budget, seeds, grid, rows, runs, wall) -> str:
         f"{task.description}. Target: {task.target_note}.",
         f"Budget {budget:g} s of training time per run (evaluation excluded), {seed_text}; "
         f"learning rate picked from the grid by the final full training loss. Total wall time {wall:.1f} s.", "",
-        "| optimizer | lr | steps to target | time to target (s) | final train loss | test loss | test accuracy | steps run |",
+        "| optimizer | lr | steps to target | time to target (s) | final train loss | test loss | "
+        + ("test accuracy" if task.classifier else "test reconstruction error") + " | steps run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {row['lr']:g} | {_fmt(row['steps_to_target'], 'd')} | {_fmt(row['time_to_target_s'], '.2f')} "
             f"| {_fmt(row['final_train_loss'], '.4g')} | {_fmt(row['test_loss'], '.4g')} "
-            f"| {_fmt(row['final_test_accuracy'], '.4f')} | {_fmt(row['steps'], '.0f')} |")
+            f"| {_fmt(row['metric'], '.4f' if task.classifier else '.4g')} | {_fmt(row['steps'], '.0f')} |")
     lines += ["", "Learning-rate search (final full training loss, median over seeds; steps run):", "",
               "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(max(len(v) for v in grid.values()))) + " |",
               "|---|" + "---|" * max(len(v) for v in grid.values())]

@@ -12,7 +12,7 @@ mnist1d-mlp        MNIST-1D, residual MLP 40-100-(100 res)-10 ReLU        100   
 mnist1d-cnn        MNIST-1D, 3 convolutions (25 ch) + Linear(125, 10)     100    CE 0.1
 mnist-mlp          MNIST, MLP 784-256-128-10 ReLU                         128    CE 0.05
 mnist-cnn          MNIST, conv5(16)-pool-conv5(32)-pool-Linear(512, 10)   128    CE 0.05
-mnist-autoencoder  MNIST, 784-1000-500-250-30-250-500-1000-784 sigmoid    250    NLL 100
+mnist-autoencoder  MNIST, 784-1000-500-250-30-250-500-1000-784 sigmoid    250    NLL 130
 ================== ===================================================== ======= ==========
 
 Notes on the choices:
@@ -38,8 +38,10 @@ Notes on the choices:
   paper: logistic (sigmoid) hidden units except the linear 30-unit code, Bernoulli output
   (logits) on the pixels; PyTorch's default initialisation (not the paper's sparse one). Loss:
   summed per-pixel binary cross-entropy, averaged over images (nats per image). Its target,
-  100 nats per image, sits well above the data's entropy floor (about 55 nats: soft pixel
-  targets) and is reachable by Adam and K-FAC within a few minutes on 2 CPU cores. Its metric
+  130 nats per image, is well above the data's entropy floor (45.5 nats on the 8k split: the
+  pixel targets are soft) and below the ~205-nat plateau of predicting roughly the mean image;
+  measured on 8k images, one core: Adam (lr 3e-3, batch 250) reaches it in ~1,000 steps / ~55 s
+  and 110 nats after 150 s, so it is reachable within the task's 120-s compare budget. Its metric
   is the reconstruction error (mean over images of the summed squared pixel error, as in Hinton
   & Salakhutdinov); it has no accuracy (``null``).
 """
@@ -267,8 +269,8 @@ TASKS: dict[str, Task] = {
     "mnist-autoencoder": _task(
         name="mnist-autoencoder", description="MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 sigmoid",
         load_fn=_mnist_loader(flatten=True, normalize=False, autoencoder=True), model_fn=mnist_autoencoder,
-        likelihood="bernoulli", batch_size=250, target_loss=100.0,
-        target_note="reconstruction NLL 100 nats per image (summed pixel BCE, mean over images) on the training split",
+        likelihood="bernoulli", batch_size=250, target_loss=130.0,
+        target_note="reconstruction NLL 130 nats per image (summed pixel BCE, mean over images) on the training split",
         eval_every=50, default_epochs=5, compare_budget=120.0, needs_mnist=True),
 }
 
