@@ -9,16 +9,21 @@
 Training with periodic reparametrization is :class:`natgrad.optim.PRONG`.
 """
 
-from .reparametrize import reparametrize, unwhiten, whiten, whitened_layers, whitening_from_covariance
+from .adapters import WhitenedConv2dAdapter, WhitenedLinearAdapter  # importing registers them
+from .reparametrize import reparametrize, unwhiten, whiten, whitened_layers
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
+from .whitening import Whitening, whitening_from_moments
 
 __all__ = [
     "WhitenedLinear",
     "WhitenedConv2d",
     "WhitenedLayer",
+    "WhitenedLinearAdapter",
+    "WhitenedConv2dAdapter",
     "whiten",
     "unwhiten",
     "reparametrize",
     "whitened_layers",
-    "whitening_from_covariance",
+    "Whitening",
+    "whitening_from_moments",
 ]

@@ -6,13 +6,15 @@
   input ``h`` and sets ``μ = E[h]``, ``U = (Cov(h) + εI)^(-1/2)`` (ZCA, symmetric), changing
   ``V`` and ``d`` so that every layer computes exactly the same function:
   ``W = V U_old``, ``b = d − W μ_old``; ``V ← W U_new⁻¹``, ``d ← b + W μ_new``, where
-  ``U_new⁻¹ = E (Λ + εI)^(1/2) Eᵀ`` comes from the same eigendecomposition (no inversion).
+  ``U_new⁻¹ = Q (Λ + εI)^(1/2) Qᵀ`` comes from the same eigendecomposition ``Σ = Q Λ Qᵀ``
+  (nothing is inverted; ``U_new⁻¹`` is applied as its two factors).
   Because each layer's function is preserved, the inputs recorded in the single pass are the
   inputs every layer sees after the update as well.
 * :func:`unwhiten` converts back to ordinary layers (``W = V U``, ``b = d − W μ``).
 
-Statistics are the population moments (mean over the N recorded rows, 1/N), accumulated in
-float64 around a shift (the first batch's mean) for stability, so that on the estimation sample
+Statistics are the population moments (mean over the N recorded rows, 1/N), accumulated around
+a shift (the current μ) in float64 for float64 models and, where it is accurate enough, float32
+for the others (:mod:`natgrad.nn.whitening`), so that on the estimation sample
 the whitened inputs ``h_e = U (h − μ)`` have mean 0 and covariance ``Σ (Σ + εI)⁻¹`` exactly —
 i.e. ``E[[h_e; 1][h_e; 1]ᵀ]``, the input factor of the layer's K-FAC block, is the identity up
 to ε. Layers without bias are whitened without centring (``μ = 0`` and ``Σ = E[h hᵀ]``).
@@ -23,14 +25,16 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Iterable, Iterator
+from contextlib import ExitStack
+from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
+from .whitening import layer_sums, statistics_dtype, whitening_from_moments
 
-__all__ = ["whiten", "unwhiten", "reparametrize", "whitened_layers", "whitening_from_covariance", "check_eps"]
+__all__ = ["whiten", "unwhiten", "reparametrize", "whitened_layers", "check_eps"]
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -180,79 +184,10 @@ def unwhiten(model: nn.Module, inplace: bool = False) -> nn.Module:
     return _replace_modules(model, convert)
 
 
-# --------------------------------------------------------------------------- statistics
-def whitening_from_covariance(cov: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """ZCA whitening of a covariance: ``(U, U⁻¹, λ)`` with ``U = E (Λ + εI)^(-1/2) Eᵀ`` and
-    ``U⁻¹ = E (Λ + εI)^(1/2) Eᵀ`` from one float64 eigendecomposition of the symmetrised matrix
-    (eigenvalues clamped at 0, so a singular covariance — constant inputs, dead units — is fine)."""
-    eps = check_eps(eps)
-    cov = cov.double()
-    cov = (cov + cov.T) / 2
-    lam, vecs = torch.linalg.eigh(cov)
-    lam = lam.clamp(min=0.0)
-    shifted = lam + eps
-    u = (vecs * shifted.rsqrt()) @ vecs.T
-    u_inv = (vecs * shifted.sqrt()) @ vecs.T
-    return u, u_inv, lam
-
-
-class _Moments:
-    """Running float64 sums of one layer's input rows, shifted by the first batch's mean."""
-
-    def __init__(self, centred: bool) -> None:
-        self.centred = centred
-        self.n = 0
-        self.shift: Tensor | None = None
-        self.s1: Tensor | None = None
-        self.s2: Tensor | None = None
-
-    def add(self, rows: Tensor) -> None:
-        rows = rows.detach().to(torch.float64)
-        if rows.shape[0] == 0:
-            return
-        if self.shift is None:
-            self.shift = rows.mean(0) if self.centred else rows.new_zeros(rows.shape[1])
-            self.s1 = rows.new_zeros(rows.shape[1])
-            self.s2 = rows.new_zeros(rows.shape[1], rows.shape[1])
-        x = rows - self.shift
-        self.s1 += x.sum(0)
-        self.s2 += x.T @ x
-        self.n += rows.shape[0]
-
-    def finish(self) -> tuple[Tensor, Tensor]:
-        """(mean, covariance): population moments; for a non-centred layer (0, E[h hᵀ])."""
-        m1 = self.s1 / self.n
-        second = self.s2 / self.n
-        if not self.centred:
-            return torch.zeros_like(m1), second
-        return self.shift + m1, second - torch.outer(m1, m1)
-
-
-def _input_batches(inputs) -> Iterator[Tensor]:
-    """Input tensors from a tensor, an ``(x, y, ...)`` tuple, or an iterable (DataLoader) of
-    tensors or ``(x, y, ...)`` batches."""
-    if isinstance(inputs, Tensor):
-        yield inputs
-        return
-    if isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Tensor):
-        yield inputs[0]
-        return
-    if isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, Iterable):
-        raise TypeError(
-            "inputs must be a tensor, an (x, y) tuple, or a DataLoader/iterable of tensors or (x, y) "
-            f"batches, got {type(inputs).__name__}"
-        )
-    for batch in inputs:
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            batch = batch[0]
-        if not isinstance(batch, Tensor):
-            raise TypeError(f"each batch must be a tensor or an (x, y) pair of tensors, got {type(batch).__name__}")
-        yield batch
-
-
-def _model_dtype_device(model: nn.Module, layers) -> tuple[torch.dtype, torch.device]:
-    weight = layers[0][1].weight
-    return weight.dtype, weight.device
+# --------------------------------------------------------------------------- reparametrize
+def _one_shot(inputs) -> bool:
+    """``inputs`` is an iterator that a second pass would find exhausted."""
+    return isinstance(inputs, Iterator)
 
 
 @torch.no_grad()
@@ -268,72 +203,55 @@ def reparametrize(model: nn.Module, inputs, eps: float = 1e-2) -> dict[str, dict
             ``(x, y)`` batches (floating inputs are cast to the model's dtype and device).
         eps: ε > 0 added to the eigenvalues of the covariance: ``U = (Σ + εI)^(-1/2)``.
 
+    Float64 models are reparametrized in float64; others in float32 where it is accurate to
+    ε/10 on the eigenvalues, else in float64 (:mod:`natgrad.nn.whitening`; a float32 pass that
+    fails the test is repeated in float64, so a one-shot iterator is summed in float64 at once).
+
     Returns:
         ``{layer name: info}`` with ``samples`` (rows used: examples × positions), ``eigenvalues``
-        (of Σ, ascending, float64), ``condition`` (of Σ + εI), ``mean``/``whitener``/
-        ``whitener_inverse`` (new μ, U, U⁻¹, float64) and ``previous_mean``/``previous_whitener``.
+        (of Σ, ascending, clamped at 0, float64), ``condition`` (of Σ + εI), ``whitening`` (the
+        :class:`~natgrad.nn.whitening.Whitening`: μ, Λ, Q, ε), ``mean``/``whitener`` (new μ and
+        U) and ``previous_mean``/``previous_whitener``, in the precision of the computation.
         A layer the pass never reached is left unchanged (with a warning) and maps to ``None``.
     """
     _check_module(model)
     eps = check_eps(eps)
     layers = _require_whitened(model)
-    dtype, device = _model_dtype_device(model, layers)
-    moments = {name: _Moments(layer.centred) for name, layer in layers}
-
-    def make_hook(name: str, layer: WhitenedLayer):
-        def hook(module, args):
-            if args and isinstance(args[0], Tensor):
-                moments[name].add(layer.layer_rows(args[0]))
-
-        return hook
-
-    own = {id(b) for _, layer in layers for b in (layer.mean, layer.whitener)}
-    saved = [(b, b.detach().clone()) for b in model.buffers() if id(b) not in own]
-    handles = [layer.register_forward_pre_hook(make_hook(name, layer)) for name, layer in layers]
-    examples = 0
-    try:
-        for x in _input_batches(inputs):
-            if x.dim() == 0 or x.shape[0] == 0:
-                continue
-            if x.is_floating_point():
-                x = x.to(dtype=dtype, device=device)
-            else:
-                x = x.to(device=device)
-            model(x)
-            examples += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        for buffer, value in saved:
-            buffer.copy_(value)
-    if examples == 0:
-        raise ValueError("reparametrize got no inputs (an empty tensor or data loader): it needs training inputs "
-                         "to estimate the whitening")
+    dtype = statistics_dtype(layers[0][1].weight.dtype)
+    if _one_shot(inputs):
+        dtype = torch.float64
+    with ExitStack() as stack:  # W = V U folded once: the pass's forward and the update start from it
+        folds = {name: stack.enter_context(layer.fixed_fold()) for name, layer in layers}
+        sums, examples = layer_sums(model, layers, inputs, dtype)
+        if examples == 0:
+            raise ValueError("reparametrize got no inputs (an empty tensor or data loader): it needs training "
+                             "inputs to estimate the whitening")
+        if not all(s.float32_accurate(eps) for s in sums.values()):
+            sums, _ = layer_sums(model, layers, inputs, torch.float64)
 
     info: dict[str, dict | None] = {}
     updates = []
     for name, layer in layers:
-        acc = moments[name]
-        if acc.n == 0:
+        if sums[name].count == 0:
             warnings.warn(f"whitened layer {name!r} was not called on the inputs: its whitening is unchanged",
                           RuntimeWarning, stacklevel=2)
             info[name] = None
             continue
-        mean, cov = acc.finish()
-        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(cov).all())):
-            raise ValueError(f"the inputs of whitened layer {name!r} are not finite: cannot estimate its whitening")
-        u, u_inv, lam = whitening_from_covariance(cov, eps)
-        updates.append((name, layer, mean, u, u_inv, lam, acc.n))
+        try:
+            whitening = whitening_from_moments(*sums[name].moments(), eps)
+        except ValueError as error:
+            raise ValueError(f"whitened layer {name!r}: {error}") from None
+        updates.append((name, layer, whitening, sums[name].count))
     # all statistics first, then all updates (a failure above leaves the model untouched)
-    for name, layer, mean, u, u_inv, lam, n in updates:
-        old_mean, old_u = layer.set_whitening(mean, u, u_inv)
+    for name, layer, whitening, count in updates:
+        old_mean, old_u = layer.set_whitening(whitening, folds[name])
         info[name] = {
-            "samples": n,
-            "eigenvalues": lam,
-            "condition": float((lam[-1] + eps) / (lam[0] + eps)),
-            "mean": mean,
-            "whitener": u,
-            "whitener_inverse": u_inv,
+            "samples": count,
+            "eigenvalues": whitening.spectrum.double(),
+            "condition": whitening.condition,
+            "whitening": whitening,
+            "mean": whitening.mean,
+            "whitener": layer.whitener.to(whitening.dtype, copy=True),
             "previous_mean": old_mean,
             "previous_whitener": old_u,
         }

@@ -18,7 +18,8 @@ computes exactly the canonical ``conv(pad(x), W) + b``. Both are evaluated with 
 ``W = V ·_in U`` and bias ``b = d − Σ_taps W μ`` folded (the same function of ``V`` and ``d``,
 hence the same gradients).
 
-Both layers get natgrad layer adapters (registered on import), so every Fisher structure —
+Both layers get natgrad layer adapters (:mod:`natgrad.nn.adapters`, registered on import of
+:mod:`natgrad.nn`), so every Fisher structure —
 ``kfac``, ``ekfac``, ``kron_sum`` included — and natgrad's optimizers handle them exactly, in
 the parameters ``V``, ``d``: K-FAC's input factor of a whitened layer is ``E[[h_e; 1][h_e; 1]ᵀ]``
 with ``h_e = U (h − μ)``.
@@ -27,17 +28,19 @@ with ``h_e = U (h − μ)``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ..layers import register_layer
-from ..layers.conv2d import Conv2dAdapter
-from ..layers.linear import LinearAdapter
 
-__all__ = ["WhitenedLinear", "WhitenedConv2d", "WhitenedLayer", "WhitenedLinearAdapter", "WhitenedConv2dAdapter"]
+if TYPE_CHECKING:
+    from .whitening import Whitening
+
+__all__ = ["WhitenedLinear", "WhitenedConv2d", "WhitenedLayer"]
 
 
 def _copy_parameters(source: nn.Module, target: nn.Module, weight: Tensor, bias: Tensor | None):
@@ -91,12 +94,29 @@ class WhitenedLayer(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ maths
+    _fold: tuple[Tensor, Tensor | None] | None = None  # set only inside fixed_fold()
+
     def _folded(self) -> tuple[Tensor, Tensor | None]:
-        """(W, b) with W = V U and b = d − Σ_taps W μ, differentiable in V and d."""
+        """(W, b) with W = V U and b = d − Σ_taps W μ, differentiable in V and d (the fixed
+        fold inside :meth:`fixed_fold`)."""
+        if self._fold is not None:
+            return self._fold
         weight = self._apply_in(self.weight, self.whitener)
         if self.bias is None:
             return weight, None
         return weight, self.bias - self._tap_sum(weight) @ self.mean
+
+    @contextmanager
+    def fixed_fold(self) -> Iterator[Tensor]:
+        """Within the block the forward uses one ``(W, b)``, folded on entry without gradient:
+        for passes that change neither parameters nor buffers, such as the statistics pass of
+        a reparametrization, whose change of coordinates then starts from this ``W = V U``."""
+        with torch.no_grad():
+            self._fold = self._folded()
+        try:
+            yield self._fold[0]
+        finally:
+            self._fold = None
 
     @torch.no_grad()
     def canonical(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
@@ -109,40 +129,42 @@ class WhitenedLayer(nn.Module):
         return w.to(dtype), None if b is None else b.to(dtype)
 
     def change_coordinates(
-        self, weight: Tensor, bias: Tensor | None, old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]
+        self, weight: Tensor, bias: Tensor | None, old: tuple[Tensor, Tensor], new: Whitening,
+        folded: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Map ``(V, d)`` from the whitening ``old = (μ_old, U_old)`` to ``new = (μ_new, U_new⁻¹)``
-        so that ``V U (h − μ) + d`` is unchanged: ``W = V U_old``, ``V' = W U_new⁻¹``,
-        ``d' = d + Σ_taps W (μ_new − μ_old)``. Everything in float64. The map is linear in
-        ``(V, d)``, so it also maps parameter displacements (momentum buffers)."""
-        mu_old, u_old = old
-        mu_new, u_new_inv = new
-        w = self._apply_in(weight.double(), u_old.double())
-        v = self._apply_in(w, u_new_inv.double())
+        """Map ``(V, d)`` from the whitening ``old = (μ_old, U_old)`` to ``new`` so that
+        ``V U (h − μ) + d`` is unchanged: ``V' = V U_old U_new⁻¹`` (``U_new⁻¹`` from ``new``'s
+        eigendecomposition, never inverted) and ``d' = d + Σ_taps V U_old (μ_new − μ_old)``, in
+        ``new``'s dtype. The map is linear in ``(V, d)``, so it also maps parameter
+        displacements (momentum buffers). ``folded``: ``V U_old`` if already at hand in that dtype."""
+        dtype = new.dtype
+        mu_old, u_old = (t.to(dtype) for t in old)
+        v = weight.to(dtype)
+        if folded is None or folded.dtype != dtype:
+            folded = self._apply_in(v, u_old)
+        v_new = new.times_inverse(folded)
         if bias is None:
-            return v, None
-        d = bias.double() + self._tap_sum(w) @ (mu_new.double() - mu_old.double())
-        return v, d
+            return v_new, None
+        d_new = bias.to(dtype) + self._tap_sum(v) @ (u_old @ (new.mean - mu_old))
+        return v_new, d_new
 
     @torch.no_grad()
-    def set_whitening(self, mean: Tensor, whitener: Tensor, whitener_inverse: Tensor) -> tuple[Tensor, Tensor]:
-        """Install new statistics ``μ``, ``U`` (with ``U⁻¹`` given, computed exactly by the caller)
-        and change ``V``, ``d`` so that the layer computes the same function. Returns the previous
-        ``(μ, U)`` in float64."""
+    def set_whitening(self, whitening: Whitening, folded: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Install the new statistics ``μ``, ``U`` of ``whitening`` and change ``V``, ``d`` so
+        that the layer computes the same function (``folded``: the current ``V U`` if at hand).
+        Returns the previous ``(μ, U)`` in the whitening's dtype."""
         n = self.whitened_features
-        for name, value, shape in (("mean", mean, (n,)), ("whitener", whitener, (n, n)),
-                                   ("whitener_inverse", whitener_inverse, (n, n))):
-            if tuple(value.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
-        if not self.centred and bool((mean != 0).any()):
+        if tuple(whitening.mean.shape) != (n,):
+            raise ValueError(f"the whitening must be of {n} features, got a mean of shape {tuple(whitening.mean.shape)}")
+        if not self.centred and bool((whitening.mean != 0).any()):
             raise ValueError("a layer without bias cannot absorb a centring: its mean must stay 0")
-        old = (self.mean.double().clone(), self.whitener.double().clone())
-        v, d = self.change_coordinates(self.weight, self.bias, old, (mean, whitener_inverse))
+        old = (self.mean.to(whitening.dtype).clone(), self.whitener.to(whitening.dtype).clone())
+        v, d = self.change_coordinates(self.weight, self.bias, old, whitening, folded)
         self.weight.copy_(v)
         if d is not None:
             self.bias.copy_(d)
-        self.mean.copy_(mean)
-        self.whitener.copy_(whitener)
+        self.mean.copy_(whitening.mean)
+        self.whitener.copy_(whitening.whitener())
         return old
 
     @torch.no_grad()
@@ -188,7 +210,7 @@ class WhitenedLinear(WhitenedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(self.in_features, 1)
-        if rows <= self.out_features:
+        if self._fold is None and rows <= self.out_features:
             # h_e = U (x − μ), then V h_e + d: cheaper than forming V U when the batch is small
             centred = x - self.mean if self.centred else x
             return F.linear(F.linear(centred, self.whitener), self.weight, self.bias)
@@ -348,36 +370,3 @@ class WhitenedConv2d(WhitenedLayer):
         if self.bias is None:
             s += ", bias=False"
         return s
-
-
-# --------------------------------------------------------------------------- natgrad layer adapters
-# With these, every natgrad structure (K-FAC, EKFAC, kron_sum, and the optimizers) handles the
-# whitened layers exactly: the matrix [V | d] acts on the whitened input [h_e; 1], h_e = U (h − μ)
-# (for a convolution: the patches of U (pad(x) − μ)), so K-FAC's input factor is E[[h_e;1][h_e;1]ᵀ].
-class WhitenedLinearAdapter(LinearAdapter):
-    """h_e ``[N, T, 1, in]`` = U (h − μ) from the module input."""
-
-    def layer_inputs(self, inputs: Tensor) -> Tensor:
-        layer = self.module
-        x = inputs - layer.mean if layer.centred else inputs
-        return super().layer_inputs(F.linear(x, layer.whitener))
-
-
-class WhitenedConv2dAdapter(Conv2dAdapter):
-    """Patches ``[N, T, 1, C_in·kh·kw]`` of the whitened padded input U (pad(x) − μ)."""
-
-    def layer_inputs(self, inputs: Tensor) -> Tensor:
-        layer = self.module
-        if inputs.dim() == 3:
-            raise ValueError(f"WhitenedConv2d {self.name!r} got an unbatched input; add a batch dimension")
-        x = F.pad(inputs, layer._reversed_padding_repeated_twice)
-        if layer.centred:
-            x = x - layer.mean[:, None, None]
-        x = torch.einsum("ij,njhw->nihw", layer.whitener, x)
-        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
-        n, _, positions = patches.shape
-        return patches.view(n, 1, self.group_in, positions).permute(0, 3, 1, 2)
-
-
-register_layer(WhitenedLinear, WhitenedLinearAdapter)
-register_layer(WhitenedConv2d, WhitenedConv2dAdapter)

@@ -299,9 +299,8 @@ class PRONG(torch.optim.Optimizer):
             return
         v = torch.zeros_like(weight) if buf_v is None else buf_v
         d = None if bias is None else (torch.zeros_like(bias) if buf_d is None else buf_d)
-        new_v, new_d = layer.change_coordinates(
-            v, d, (info["previous_mean"], info["previous_whitener"]), (info["mean"], info["whitener_inverse"])
-        )
+        new_v, new_d = layer.change_coordinates(v, d, (info["previous_mean"], info["previous_whitener"]),
+                                                info["whitening"])
         if buf_v is not None:
             buf_v.copy_(new_v)
         if bias is not None:
