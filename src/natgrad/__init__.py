@@ -5,7 +5,7 @@ exact Kronecker sums, K-FAC, EKFAC, matrix-free), under the exact, Monte-Carlo a
 estimators, each tested against a brute-force reference.
 """
 
-from . import nn, optim
+from . import diagnostics, nn, optim
 from .errors import ConvergenceError, UnsupportedLayerError
 from .fisher import STRUCTURES, fisher, natural_gradient
 from .layers import LayerAdapter, register_layer
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "diagnostics",
     "nn",
     "optim",
     "fisher",
