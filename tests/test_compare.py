@@ -65,6 +65,20 @@ def test_compare_two_seeds_reports_medians(tmp_path):
     assert list(summary) == ["adam"] and summary["adam"]["lr"] == 0.01
 
 
+def test_compare_search_seeds_runs_the_other_seeds_at_the_chosen_lr(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    summary = compare("digits-mlp", "sgd", budget=0.05, seeds=3, search_seeds=1, out=out, progress=False,
+                      lr_grid={"sgd": [0.03, 0.3]})
+    runs = json.loads((out / "runs.json").read_text())["sgd"]
+    chosen = str(summary["sgd"]["lr"])
+    assert len(runs[chosen]) == 3
+    assert [len(v) for k, v in runs.items() if k != chosen] == [1]
+    assert [r["summary"]["seed"] for r in runs[chosen]] == [0, 1, 2]
+    assert "the learning-rate search used the first 1 seed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="search_seeds"):
+        compare("digits-mlp", "sgd", budget=0.05, seeds=2, search_seeds=3, progress=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"optimizers": ["sgd", "rprop"]}, "unknown optimizer 'rprop'"),
     ({"task": "imagenet"}, "unknown task"),

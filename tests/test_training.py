@@ -164,3 +164,37 @@ def test_autoencoder_reports_reconstruction_error_not_accuracy(tmp_path):
     assert s["target_loss"] == 130.0 and 100 < s["final_train_loss"] < 1000  # nats per image
     last = _lines(tmp_path / "metrics.jsonl")[-1]
     assert last["test_accuracy"] is None and last["test_reconstruction_error"] > 0
+
+
+def test_adaptive_damping_gets_a_closure_and_resumes(tmp_path):
+    import natgrad.optim as optim
+
+    def make(m, t, lr, d, x):
+        return optim.KFAC(m, lr=lr or 1.0, damping=d or 1.0, likelihood=t.likelihood,
+                          damping_policy=optim.DampingPolicy(adaptive=True, adapt_every=2))
+
+    register_optimizer("kfac-lm", OptimizerSpec(make, lr_grid=(1.0,), curvature=True))
+    try:
+        full, part = tmp_path / "full", tmp_path / "part"
+        train("digits-mlp", "kfac-lm", steps=8, out=full, progress=False)
+        ck = torch.load(full / CHECKPOINT, weights_only=True)
+        assert ck["optimizer"]["param_groups"][0]["damping"] != 1.0  # Levenberg-Marquardt moved it
+        train("digits-mlp", "kfac-lm", steps=5, out=part, progress=False)
+        train("digits-mlp", "kfac-lm", steps=8, out=part, resume=True, progress=False)
+        for key, value in _params(full).items():
+            assert torch.equal(value, _params(part)[key]), key
+    finally:
+        del OPTIMIZERS["kfac-lm"]
+
+
+def test_task_specific_settings_come_from_the_registry():
+    from natgrad.registry import get_optimizer
+    from natgrad.tasks import get_task
+
+    auto, digits = get_task("mnist-autoencoder"), get_task("digits-mlp")
+    assert get_optimizer("sgd").grid(auto) == (3e-3, 1e-2, 3e-2) and get_optimizer("sgd").grid(digits) == (0.03, 0.1, 0.3)
+    assert get_optimizer("adam").grid(auto) == get_optimizer("adam").grid(digits)
+    opt = get_optimizer("kfac").make(auto.make_model(), auto, None, None, None)
+    assert opt.param_groups[0]["damping"] == 1e-6 and opt.step_policy.kl_clip == 1.0
+    opt = get_optimizer("kfac").make(auto.make_model(), auto, 0.3, 1e-3, None)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]) == (0.3, 1e-3)

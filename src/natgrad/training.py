@@ -16,8 +16,9 @@
 The target loss is reached at the first evaluation whose full training loss is ≤ the task's
 target, so ``steps_to_target`` has the resolution of ``eval_every``.
 
-Optimizers are a small registry (:data:`OPTIMIZERS`); adding one is one line, e.g.
-``OPTIMIZERS["name"] = OptimizerSpec(make, lr_grid=(0.1, 0.3, 1.0))``.
+Optimizers come from the registry :mod:`natgrad.registry` (re-exported here). Curvature
+optimizers with adaptive damping get a closure (the batch's loss after the step) on the steps
+where they adapt it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer, register_optimizer
 from .tasks import Data, Task, get_task
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
@@ -43,60 +45,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT_VERSION = 1
-
-
-# --------------------------------------------------------------------------- optimizer registry
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """``make(model, task, lr, damping, train_inputs)`` (``None``: the optimizer's own default); ``curvature``
-    optimizers train with ``opt.backward(loss, output)`` and take a damping; ``lr_grid`` is what
-    ``compare`` tries. The lr/damping actually used are read back from ``param_groups[0]``."""
-
-    make: Callable[[nn.Module, Task, float | None, float | None, Tensor], torch.optim.Optimizer]
-    lr_grid: tuple[float, ...]
-    curvature: bool = False
-
-
-def _natgrad(class_name: str, **options):
-    def make(model: nn.Module, task: Task, lr: float | None, damping: float | None, train_inputs: Tensor):
-        import natgrad.optim as optim
-
-        given = {k: v for k, v in (("lr", lr), ("damping", damping)) if v is not None}
-        return getattr(optim, class_name)(model, likelihood=task.likelihood, estimator="mc", **given, **options)
-
-    return make
-
-
-def _prong(model: nn.Module, task: Task, lr: float | None, damping: float | None, train_inputs: Tensor):
-    """PRONG: the task's layers whitened in place, SGD with momentum 0.9 on (V, d), statistics
-    from the training inputs (defaults every=100, samples=1000, eps=1e-2)."""
-    import natgrad.nn
-    import natgrad.optim as optim
-
-    natgrad.nn.whiten(model, inplace=True)
-    base = torch.optim.SGD(model.parameters(), lr=lr or 0.1, momentum=0.9)
-    return optim.PRONG(model, base, train_inputs)
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(lambda m, t, lr, d, x: torch.optim.SGD(m.parameters(), lr=lr or 0.1, momentum=0.9), (0.03, 0.1, 0.3)),
-    "adam": OptimizerSpec(lambda m, t, lr, d, x: torch.optim.Adam(m.parameters(), lr=lr or 3e-3), (1e-3, 3e-3, 1e-2)),
-    "kfac": OptimizerSpec(_natgrad("KFAC"), (0.1, 0.3, 1.0), curvature=True),
-    "ekfac": OptimizerSpec(_natgrad("EKFAC"), (0.1, 0.3, 1.0), curvature=True),
-    "ngd": OptimizerSpec(_natgrad("NGD"), (0.1, 0.3, 1.0), curvature=True),
-    "prong": OptimizerSpec(_prong, (0.03, 0.1, 0.3)),
-}
-
-
-def register_optimizer(name: str, spec: OptimizerSpec) -> None:
-    OPTIMIZERS[name] = spec
-
-
-def get_optimizer(name: str) -> OptimizerSpec:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -332,8 +280,25 @@ class _Trainer:
             self.opt.backward(loss, output)
         else:
             loss.backward()
-        self.opt.step()
+        closure = self._closure(x, y)
+        if closure is None:
+            self.opt.step()
+        else:
+            self.opt.step(closure)
         return value
+
+    def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor] | None:
+        """The batch's loss after the step, for adaptive damping, on the steps that adapt only
+        (one extra forward pass there, no backward; nothing is recorded without grad)."""
+        policy = getattr(self.opt, "damping_policy", None)
+        if policy is None or not policy.adaptive or self.opt.steps % policy.adapt_every != 0:
+            return None
+
+        def closure() -> Tensor:
+            with torch.no_grad():
+                return self.task.loss(self.model(x), y)
+
+        return closure
 
     def loop(self, steps, epochs, time_budget) -> Run:
         limits = [s for s in (steps, None if epochs is None else epochs * self.steps_per_epoch) if s is not None]

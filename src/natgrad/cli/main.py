@@ -279,6 +279,9 @@ def _add_compare(subparsers) -> None:
     p.add_argument("--budget", type=_finite_float, metavar="SECONDS",
                    help="training seconds per run (default: the task's, 3 s for digits-mlp)")
     p.add_argument("--seeds", type=int, default=1, metavar="K", help="seeds per run (default 1; medians reported)")
+    p.add_argument("--search-seeds", type=int, metavar="K",
+                   help="seeds of the learning-rate search (default: all --seeds); the chosen lr then "
+                        "runs the remaining seeds")
     p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
     p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/compare-TASK)")
     _add_mnist_dir(p)
@@ -295,7 +298,8 @@ def _run_compare(args) -> int:
     out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"compare-{args.task}"
     started = time.perf_counter()
     compare(args.task, args.optimizers, budget=args.budget, out=out, seeds=args.seeds,
-            progress=_progress_enabled(args), verbose=True, mnist_dir=args.mnist_dir, eval_every=args.eval_every)
+            progress=_progress_enabled(args), verbose=True, mnist_dir=args.mnist_dir, eval_every=args.eval_every,
+            search_seeds=args.search_seeds)
     names = ", ".join(str(out / n) for n in ("results.md", "loss_vs_time.png", "loss_vs_steps.png", "summary.json"))
     print(f"\nwrote {names} ({time.perf_counter() - started:.1f} s)")
     return 0
