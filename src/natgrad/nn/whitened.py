@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-
 if TYPE_CHECKING:
     from .whitening import Whitening
 
