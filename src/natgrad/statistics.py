@@ -1,7 +1,9 @@
 """Accumulate batches into finished statistics and hand them to a representation.
 
-One builder per structure: ``add(batch)`` for every batch, then ``finish()``. F is the mean
-over all N examples; K-FAC normalises as in KFC (Grosse & Martens 2016, "expand"):
+One builder per structure: ``add(batch)`` for every batch, then ``finish(comm)``. F is the mean
+over all N examples — of every rank when a :class:`~natgrad.distributed.Communicator` is given:
+the sums (not the means) are all-reduced, symmetric ones as upper triangles, with the example
+counts, so R ranks give the Fisher of the union of their data; K-FAC normalises as in KFC (Grosse & Martens 2016, "expand"):
 A = (1/(N·T)) Σ_{n,t} ā_nt ā_ntᵀ and G = (1/N) Σ_{n,k,t} g_nkt g_nktᵀ, so that for T = 1
 (Linear) A ⊗ G is E[ā āᵀ] ⊗ E[J_aᵀ D J_a].
 """
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .collect import BatchData, LayerData
+from .distributed import Communicator
 from .gram import block_diagonal_of_gram, block_gram
 from .layout import Block
 from .linalg import gram as symmetric_gram
@@ -40,7 +43,12 @@ class _Builder:
     def _add(self, batch: BatchData) -> None:
         raise NotImplementedError
 
-    def finish(self) -> FisherMatrix:
+    def _reduce_examples(self, comm: Communicator | None) -> None:
+        if comm is not None:
+            (total,) = comm.all_reduce_numbers([self.examples], "example count")
+            self.examples = int(total)
+
+    def finish(self, comm: Communicator | None = None) -> FisherMatrix:
         raise NotImplementedError
 
 
@@ -59,7 +67,12 @@ class DenseBuilder(_Builder):
                 gram = block_gram(batch, i, j)
                 self.sums[i, j] = self.sums[i, j] + gram if (i, j) in self.sums else gram
 
-    def finish(self) -> FisherMatrix:
+    def finish(self, comm: Communicator | None = None) -> FisherMatrix:
+        self._reduce_examples(comm)
+        if comm is not None:
+            keys = list(self.sums)
+            reduced = comm.all_reduce([self.sums[k] for k in keys], [i == j for i, j in keys], "Fisher blocks")
+            self.sums = dict(zip(keys, reduced))
         if self.diagonal_only:
             operators = [DenseBlock(self.sums[i, i] / self.examples) for i in range(len(self.blocks))]
             return BlockDiagonalFisher(self.blocks, operators, self.dtype, self.device)
@@ -82,7 +95,10 @@ class DiagonalBuilder(_Builder):
         for i, block in enumerate(self.blocks):
             self.total[block.slice] += block_diagonal_of_gram(batch, i)
 
-    def finish(self) -> FisherMatrix:
+    def finish(self, comm: Communicator | None = None) -> FisherMatrix:
+        self._reduce_examples(comm)
+        if comm is not None:
+            (self.total,) = comm.all_reduce([self.total], what="Fisher diagonal")
         return DiagonalFisher(self.blocks, self.total / self.examples)
 
 
@@ -139,6 +155,17 @@ class KFACBuilder(_Builder):
                 self.positions[i] = layer.raw_inputs.shape[1]
                 self.adapters[i] = layer.adapter
 
+    def reduce(self, comm: Communicator | None) -> None:
+        """Sum the factors and example counts over the ranks of ``comm`` (one bucketed call)."""
+        self._reduce_examples(comm)
+        if comm is None:
+            return
+        keys = list(self.input_sums)
+        tensors = [self.input_sums[i] for i in keys] + [self.output_sums[i] for i in keys]
+        reduced = comm.all_reduce(tensors, [True] * len(tensors), "Kronecker factors")
+        self.input_sums = dict(zip(keys, reduced[: len(keys)]))
+        self.output_sums = dict(zip(keys, reduced[len(keys) :]))
+
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
         """{block index: (A [G, D, D], G [G, O, O])}."""
         return {
@@ -146,7 +173,8 @@ class KFACBuilder(_Builder):
             for i in self.input_sums
         }
 
-    def finish(self) -> FisherMatrix:
+    def finish(self, comm: Communicator | None = None) -> FisherMatrix:
+        self.reduce(comm)
         factors = self.factors()
         operators = [KFACBlock(self.adapters[i], *factors[i]) for i in range(len(self.blocks))]
         return KFACFisher(self.blocks, operators, self.dtype, self.device)
@@ -175,18 +203,29 @@ class StoredBuilder(_Builder):
             parts[0].adapter, torch.cat([p.raw_inputs for p in parts]), torch.cat([p.grads for p in parts])
         )
 
-    def finish(self) -> FisherMatrix:
+    def finish(self, comm: Communicator | None = None) -> FisherMatrix:
+        """Kron-sum: every rank's layer data is gathered (the exact blocks need each example's
+        term). EKFAC: the factors are reduced, every rank takes the same eigenbases, and the
+        second moments in them are reduced in a second round."""
+        self._reduce_examples(comm)
         layers = [self._joined(i) for i in range(len(self.blocks))]
         if not self.ekfac:
+            if comm is not None:
+                layers = [LayerData(l.adapter, comm.all_gather_rows(l.raw_inputs, "layer inputs"),
+                                    comm.all_gather_rows(l.grads, "layer output gradients")) for l in layers]
             operators = [KronSumBlock(l.adapter, l.inputs, l.grads, self.examples) for l in layers]
             return KronSumFisher(self.blocks, operators, self.dtype, self.device)
+        self.kfac.reduce(comm)
         factors = self.kfac.factors()
-        operators = []
+        bases, moments = [], []
         for i, layer in enumerate(layers):
             _, basis_a = symmetric_eigh(factors[i][0])
             _, basis_g = symmetric_eigh(factors[i][1])
-            scales = eigenbasis_second_moments(layer, basis_a, basis_g) / self.examples
-            operators.append(EKFACBlock(layer.adapter, basis_a, basis_g, scales))
+            bases.append((basis_a, basis_g))
+            moments.append(eigenbasis_second_moments(layer, basis_a, basis_g))
+        if comm is not None:
+            moments = comm.all_reduce(moments, what="EKFAC second moments")
+        operators = [EKFACBlock(layer.adapter, a, g, m / self.examples) for layer, (a, g), m in zip(layers, bases, moments)]
         return EKFACFisher(self.blocks, operators, self.dtype, self.device)
 
 
