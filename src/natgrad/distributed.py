@@ -185,9 +185,10 @@ class Communicator:
         self._run(what, lambda: dist.all_gather(parts, padded.contiguous(), group=self.group), padded)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
-    def check_same(self, description: str, values: Tensor, what: str) -> None:
+    def check_same(self, description: str, values: Tensor, what: str, hint: str | None = None) -> None:
         """Raise ValueError on every rank unless all ranks pass the same ``description`` (e.g.
-        parameter names and shapes, options) and bitwise the same float64 ``values``."""
+        parameter names and shapes, options) and bitwise the same float64 ``values``; ``hint``
+        replaces the default advice (same model, same parameter values, same options)."""
         digest = hashlib.sha256(description.encode()).digest()[:7]
         local = torch.cat([torch.tensor([int.from_bytes(digest, "little")], dtype=torch.float64),
                            values.detach().to(torch.float64).reshape(-1).cpu()])
@@ -199,11 +200,11 @@ class Communicator:
         else:
             bad = [r for r in range(self.world) if lengths[r] != lengths[0]]
         if bad:
-            raise ValueError(
-                f"{what}: ranks {bad} differ from rank 0 (rank {self.rank} reporting). Every rank must "
-                "build the same model with the same parameter values (DistributedDataParallel "
-                "broadcasts rank 0's at wrapping) and the same options"
+            hint = hint or (
+                "every rank must build the same model with the same parameter values "
+                "(DistributedDataParallel broadcasts rank 0's at wrapping) and the same options"
             )
+            raise ValueError(f"{what}: ranks {bad} differ from rank 0 (rank {self.rank} reporting): {hint}")
 
 
 def model_fingerprint(model: nn.Module) -> tuple[str, Tensor]:

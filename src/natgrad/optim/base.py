@@ -9,6 +9,12 @@ A subclass supplies ``_update_statistics(batch)`` (on statistics steps), ``_refr
 inverse steps) and ``_direction(grads)`` — the preconditioned gradient Δ (flat, descent is −Δ).
 :class:`~natgrad.optim.step_rules.StepRules` turns Δ into a step; this class runs the loop and
 keeps every piece of state in ``state_dict``.
+
+Distributed (torch.distributed, e.g. under DistributedDataParallel): every rank runs the same
+loop on its own slice of the batch; the statistics are sums all-reduced over the ranks with
+the example counts, so R ranks with batch B step exactly as one process with batch R·B (for
+the deterministic estimators). At construction every rank checks that all hold the same model
+and options; on the first step, that the gradients are identical (DDP averages them).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collect import BatchData, Collector, LayerData
+from ..distributed import Communicator, model_fingerprint, resolve_group
 from ..estimators import backprop_vectors, check_estimator
 from ..layout import Block, model_dtype_device, parameter_blocks
 from ..likelihoods import Likelihood, get_likelihood
@@ -71,8 +78,10 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         step_policy: StepPolicy,
         param_groups: list[dict] | None,
         kronecker: bool,
+        process_group: object = None,
     ) -> None:
         self.model = unwrap(model)
+        self.comm: Communicator | None = resolve_group(model, process_group)
         check_estimator(estimator, samples)
         for name, value, kind in (
             ("schedule", schedule, Schedule),
@@ -115,7 +124,32 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         self._skip = False
         self._warned_no_graph = False
         self.step_state: dict = {}  # previous step δ₀, momentum buffer, last (α, μ), LM ratio
+        self._grads_checked = False
+        if self.comm is not None:
+            description, checksums = model_fingerprint(self.model)
+            self.comm.check_same(f"{description}|{self._options()}", checksums, f"{type(self).__name__} setup")
         self._arm()
+
+    def _options(self) -> str:
+        """Every option that must agree across ranks, as text."""
+        groups = [(g["lr"], g["damping"], g["weight_decay"], len(g["params"])) for g in self.param_groups]
+        return (
+            f"{type(self).__name__}|{type(self.likelihood).__name__}|{self.estimator}|{self.samples}|"
+            f"{self.schedule}|{self.damping_policy}|{self.step_policy}|{groups}"
+        )
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.comm is None else self.comm.rank
+
+    def _reduce_sums(self, sums: list[Tensor], symmetric: list[bool], examples: int, what: str) -> tuple[list[Tensor], int]:
+        """Sums of this rank's statistics and its example count → the sums and count over all ranks
+        (one bucketed all-reduce; the count travels in the same bucket)."""
+        if self.comm is None:
+            return sums, examples
+        count = torch.tensor([float(examples)], dtype=sums[0].dtype if sums else self.dtype, device=self.device)
+        reduced = self.comm.all_reduce(sums + [count], symmetric + [False], what)
+        return reduced[:-1], int(round(float(reduced[-1])))
 
     # ---------------------------------------------------------------- setup
     def _groups(self, param_groups: list[dict] | None, defaults: dict) -> list[dict]:
@@ -182,6 +216,10 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         if not torch.isfinite(loss):
             warnings.warn(f"non-finite loss {float(loss)}: the next step() is skipped", RuntimeWarning, stacklevel=2)
             self._skip = True
+            if self.comm is not None:
+                # the other ranks' DDP backward waits for this rank's gradients; the averaged
+                # gradient is then non-finite on every rank, so every rank skips the step
+                loss.backward()
             return
         keep = self._needs_graph()
         stats = self.is_statistics_step() and self.estimator != "empirical"
@@ -247,6 +285,13 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
             warnings.warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
             self._finish_step(advance=False)
             return None
+        if self.comm is not None and not self._grads_checked:
+            self.comm.check_same(
+                "gradients", grads, "first step",
+                hint="the gradients must be averaged over the ranks before step(): wrap the model in "
+                "torch.nn.parallel.DistributedDataParallel (or all-reduce the gradients yourself)",
+            )
+            self._grads_checked = True
         if self.is_statistics_step():
             self._update_statistics(self._statistics_batch())
         if self._is_refresh_step():

@@ -5,11 +5,15 @@ recomputed; on every statistics step the scales s = E[(Q_Gᵀ Γ_nk Q_A)²] are 
 per-example gradients of that step *in the current basis* — basis first, then rescaling (a
 running average within one basis, restarted when the basis changes). The direction is
 Q_G [(Q_Gᵀ ∇M Q_A) / (s + λ')] Q_Aᵀ: damping is exact in the eigenbasis.
+
+Distributed: the eigendecompositions are computed on each layer's owner rank and broadcast
+(every rank needs the bases to project its own per-example gradients), and the scales' sums
+are all-reduced like the factors. ``sharding="gradients"`` is therefore refused.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..collect import BatchData
 from ..linalg import symmetric_eigh
@@ -19,16 +23,32 @@ from .kfac import KFAC
 
 class EKFAC(KFAC):
     """EKFAC optimizer; arguments as :class:`~natgrad.optim.KFAC` (``damping_policy.mode`` is
-    ignored: damping is always exact in the eigenbasis)."""
+    ignored: damping is always exact in the eigenbasis; ``sharding`` is "inverses" or
+    "replicated")."""
+
+    def __init__(self, model: nn.Module, *args, sharding: str = "inverses", **kwargs) -> None:
+        if sharding == "gradients":
+            raise ValueError(
+                "EKFAC cannot shard by preconditioned gradients: every rank needs every layer's "
+                "eigenbasis to measure the scales of its own examples; use sharding='inverses'"
+            )
+        super().__init__(model, *args, sharding=sharding, **kwargs)
 
     def _update_statistics(self, batch: BatchData) -> None:
         super()._update_statistics(batch)
         if self._is_refresh_step():
             self._refresh_bases()
         decay = self._decay()
-        for i, layer in batch.layers.items():
+        layers = sorted(batch.layers)
+        sums = [
+            eigenbasis_second_moments(batch.layers[i], self._layer_state(i)["Q_A"], self._layer_state(i)["Q_G"])
+            for i in layers
+        ]
+        if self.comm is not None:
+            sums = self.comm.all_reduce(sums, what="EKFAC scales")
+        for i, total in zip(layers, sums):
             state = self._layer_state(i)
-            scales = eigenbasis_second_moments(layer, state["Q_A"], state["Q_G"]) / batch.examples
+            scales = total / self._stat_examples
             self._average(state, "scales", scales, 0.0 if state.pop("fresh_basis", False) else decay)
 
     def _refresh(self) -> None:
@@ -40,13 +60,13 @@ class EKFAC(KFAC):
                     state["scales"] = state["values_G"].unsqueeze(-1) * state["values_A"].unsqueeze(-2)
 
     def _refresh_bases(self) -> None:
-        for i in self.adapters:
+        for i in self._owned():
             state = self._layer_state(i)
-            if "A" not in state:
-                continue
             state["values_A"], state["Q_A"] = symmetric_eigh(state["A"])
             state["values_G"], state["Q_G"] = symmetric_eigh(state["G"])
-            state["fresh_basis"] = True
+        self._share(["values_A", "Q_A", "values_G", "Q_G"], [False] * 4)
+        for i in self._layer_owners():
+            self._layer_state(i)["fresh_basis"] = True
 
     def _layer_direction(self, i: int, matrix: Tensor) -> Tensor:
         state = self._layer_state(i)

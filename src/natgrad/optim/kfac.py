@@ -6,6 +6,14 @@ see :mod:`natgrad.statistics`), refreshed every ``Schedule.stat_every`` steps; e
 (A + π√λ' I)⁻¹, (G + √λ'/π I)⁻¹ (π = √((tr A / dim A)/(tr G / dim G))) or the eigendecompositions
 (for exact damping) are recomputed. The direction of a layer with gradient matrix ∇M is
 Δ = (G + ·)⁻¹ ∇M (A + ·)⁻¹, or Q_G[(Q_Gᵀ∇M Q_A)/(λ_G λ_Aᵀ + λ')]Q_Aᵀ.
+
+Distributed (as KAISA, Pauloski et al. 2021): the factor sums are all-reduced on statistics
+steps only, in bucketed calls with the symmetric factors as upper triangles. Each layer's
+inverses (or eigendecompositions) are computed on one rank, chosen by cost (d_A³ + d_G³, greedy
+balance), and then either broadcast to all ranks (``sharding="inverses"``, every rank
+preconditions every layer) or kept there (``sharding="gradients"``: each rank preconditions its
+own layers and the preconditioned gradients are summed over the ranks — less memory, one
+all-reduce of the layer gradients per step). ``"replicated"`` computes everything everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from ..linalg import symmetric_eigh
 from ..statistics import input_gram, output_gram
 from .base import CurvatureOptimizer
 from .config import DampingPolicy, Schedule, StepPolicy
+from ..distributed import assign_owners
 from .other import check_other, other_direction
+
+SHARDING = ("inverses", "gradients", "replicated")
 
 
 def damped_inverse(matrix: Tensor, shift: Tensor) -> Tensor:
@@ -63,6 +74,9 @@ class KFAC(CurvatureOptimizer):
         schedule, damping_policy, step_policy: option groups (:mod:`natgrad.optim.config`).
         other: update of parameters of modules without a layer adapter: "adam", "sgd", "diagonal".
         param_groups: optional groups with their own lr/damping/weight_decay.
+        process_group: torch.distributed group whose ranks share the training (default: the
+            DistributedDataParallel model's group, else the default group if initialised).
+        sharding: "inverses" (default), "gradients" or "replicated"; see the module docstring.
     """
 
     def __init__(
@@ -79,12 +93,17 @@ class KFAC(CurvatureOptimizer):
         step_policy: StepPolicy = StepPolicy(),
         other: str = "adam",
         param_groups: list[dict] | None = None,
+        process_group: object = None,
+        sharding: str = "inverses",
     ) -> None:
         self.other = check_other(other)
+        if sharding not in SHARDING:
+            raise ValueError(f"sharding must be one of {list(SHARDING)}, got {sharding!r}")
+        self.sharding = sharding
         self.generic_statistics = other == "diagonal"
         super().__init__(
             model, lr, damping, likelihood, estimator, samples, schedule, damping_policy, step_policy,
-            param_groups, kronecker=True,
+            param_groups, kronecker=True, process_group=process_group,
         )
         self.other_blocks = [i for i in range(len(self.blocks)) if i not in self.adapters]
         if self.other_blocks:
@@ -96,6 +115,10 @@ class KFAC(CurvatureOptimizer):
                 stacklevel=2,
             )
         self.stat_updates = 0
+        self._owners: dict[int, int] | None = None
+
+    def _options(self) -> str:
+        return f"{super()._options()}|{self.other}|{self.sharding}"
 
     def _layer_state(self, i: int) -> dict:
         return self.state[self.block_params[i][0]]
@@ -110,24 +133,93 @@ class KFAC(CurvatureOptimizer):
     def _update_statistics(self, batch: BatchData) -> None:
         self.stat_updates += 1
         decay = self._decay()
-        for i, layer in batch.layers.items():
+        layers, generic = sorted(batch.layers), sorted(batch.generic)
+        sums = [input_gram(batch.layers[i]) for i in layers] + [output_gram(batch.layers[i]) for i in layers]
+        sums += [batch.generic[i].pow(2).sum((0, 1)) for i in generic]
+        symmetric = [True] * (2 * len(layers)) + [False] * len(generic)
+        sums, examples = self._reduce_sums(sums, symmetric, batch.examples, "Kronecker factors")
+        self._stat_examples = examples  # of this statistics step, over all ranks
+        for k, i in enumerate(layers):
             state = self._layer_state(i)
-            positions = layer.raw_inputs.shape[1]
-            self._average(state, "A", input_gram(layer) / (batch.examples * positions), decay)
-            self._average(state, "G", output_gram(layer) / batch.examples, decay)
-        for i, grads in batch.generic.items():
-            self._average(self._layer_state(i), "fisher_diagonal", grads.pow(2).sum((0, 1)) / batch.examples, decay)
+            positions = batch.layers[i].raw_inputs.shape[1]
+            self._average(state, "A", sums[k] / (examples * positions), decay)
+            self._average(state, "G", sums[len(layers) + k] / examples, decay)
+        for k, i in enumerate(generic):
+            self._average(self._layer_state(i), "fisher_diagonal", sums[2 * len(layers) + k] / examples, decay)
+
+    # ---------------------------------------------------------------- sharded refresh
+    def _layer_owners(self) -> dict[int, int]:
+        """Rank that computes each layer's inverses: all local on one process or when replicated."""
+        if not self._owners:  # decided once the factors exist (their sizes are the costs)
+            layers = [i for i in self.adapters if "A" in self._layer_state(i)]
+            if self.comm is None or self.sharding == "replicated":
+                self._owners = {i: self.rank for i in layers}
+            else:
+                costs = [float(self._cost(self._layer_state(i))) for i in layers]
+                self._owners = dict(zip(layers, assign_owners(costs, self.comm.world)))
+        return self._owners
+
+    @staticmethod
+    def _cost(state: dict) -> float:
+        """Flops of a layer's inverses ∝ groups·(d_A³ + d_G³)."""
+        a, g = state["A"], state["G"]
+        return a.shape[0] * (a.shape[-1] ** 3 + g.shape[-1] ** 3)
+
+    def _owned(self) -> list[int]:
+        return [i for i, rank in self._layer_owners().items() if rank == self.rank]
+
+    def _share(self, keys: list[str], symmetric: list[bool]) -> None:
+        """Broadcast ``state[key]`` of every layer from its owner (``sharding="inverses"``);
+        non-owners receive into buffers shaped like the owner's. Keys may hold tensors or
+        tuples of tensors (eigendecompositions). Owners first make theirs contiguous: a
+        received buffer is, and a product with a transposed-stride operand may round
+        differently, which would let the ranks' parameters drift apart."""
+        for i in self._owned():
+            state = self._layer_state(i)
+            for key in keys:
+                value = state[key]
+                state[key] = tuple(t.contiguous() for t in value) if isinstance(value, tuple) else value.contiguous()
+        if self.comm is None or self.sharding != "inverses":
+            return
+        tensors, flags = {}, {}
+        for i, owner in self._layer_owners().items():
+            state = self._layer_state(i)
+            if owner != self.rank:
+                for key, like in zip(keys, self._shapes_like(state, keys)):
+                    state[key] = like
+            tensors[i] = [t for key in keys for t in _as_tuple(state[key])]
+            flags[i] = [flag for key, flag in zip(keys, symmetric) for _ in _as_tuple(state[key])]
+        self.comm.broadcast_owned(tensors, self._layer_owners(), flags, "inverses")
+
+    @staticmethod
+    def _shapes_like(state: dict, keys: list[str]) -> list:
+        """Empty buffers for ``keys``: ``*_inv``/``Q_*`` like the factor, values one row of it."""
+        out = []
+        for key in keys:
+            factor = state["A"] if "A" in (key[0], key[-1]) else state["G"]
+            if key.startswith("eig_"):
+                out.append((factor.new_empty(factor.shape[:-1]), torch.empty_like(factor)))
+            elif key.startswith("values_"):
+                out.append(factor.new_empty(factor.shape[:-1]))
+            else:
+                out.append(torch.empty_like(factor))
+        return out
 
     def _refresh(self) -> None:
-        for i in self.adapters:
+        for i in self._owned():
             state = self._layer_state(i)
-            if "A" not in state:
-                continue
             if self.damping_policy.mode == "eigen":
                 state["eig_A"] = symmetric_eigh(state["A"])
                 state["eig_G"] = symmetric_eigh(state["G"])
             else:
                 self._factored_inverses(state, self.damping_of(i))
+        self._share(*self._inverse_keys())
+
+    def _inverse_keys(self) -> tuple[list[str], list[bool]]:
+        """The state each refresh produces per layer and whether each is a symmetric matrix."""
+        if self.damping_policy.mode == "eigen":
+            return ["eig_A", "eig_G"], [False, False]
+        return ["A_inv", "G_inv"], [True, True]
 
     @staticmethod
     def _factored_inverses(state: dict, damping: float) -> None:
@@ -150,19 +242,69 @@ class KFAC(CurvatureOptimizer):
 
     def _direction(self, grads: Tensor) -> Tensor:
         pieces = []
+        split = self.comm is not None and self.sharding == "gradients"
+        owned = set(self._owned()) if split else set(self.adapters)
         for i, block in enumerate(self.blocks):
             grad = grads[block.slice]
             if i in self.adapters:
                 adapter = self.adapters[i]
                 if "A" not in self._layer_state(i):
                     raise RuntimeError("no curvature statistics yet: the first step must be a statistics step")
-                pieces.append(adapter.from_matrix(self._layer_direction(i, adapter.to_matrix(grad))))
+                if i in owned:
+                    pieces.append(adapter.from_matrix(self._layer_direction(i, adapter.to_matrix(grad))))
+                else:
+                    pieces.append(torch.zeros_like(grad))
             else:
                 pieces.append(other_direction(self.other, grad, self._layer_state(i), self.damping_of(i)))
-        return torch.cat(pieces)
+        direction = torch.cat(pieces)
+        if split:  # each layer's piece is nonzero on its owner only: the sum is the direction
+            layers = torch.cat([direction[self.blocks[i].slice] for i in self.adapters])
+            (layers,) = self.comm.all_reduce([layers], what="preconditioned gradients")
+            offset = 0
+            for i in self.adapters:
+                size = self.blocks[i].size
+                direction[self.blocks[i].slice] = layers[offset : offset + size]
+                offset += size
+        return direction
 
     def _extra_state(self) -> dict:
         return {"stat_updates": self.stat_updates}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.stat_updates = int(extra.pop("stat_updates", 0))
+        self._owners = None
+
+    # ---------------------------------------------------------------- state with sharded inverses
+    _INVERSE_KEYS = ("A_inv", "G_inv", "eig_A", "eig_G")
+
+    def state_dict(self) -> dict:
+        """With ``sharding="gradients"`` each rank holds only its layers' inverses: this call is
+        then collective (every rank must call it) and gathers them, so any rank's state_dict
+        is complete and resumes on any number of ranks."""
+        if self.comm is None or self.sharding != "gradients" or not self._layer_owners():
+            return super().state_dict()
+        owners = self._layer_owners()
+        self.sharding = "inverses"  # broadcast everything once, then drop what is not ours
+        try:
+            self._share(*self._inverse_keys())
+            state = super().state_dict()
+            state["state"] = {k: dict(v) for k, v in state["state"].items()}
+        finally:
+            self.sharding = "gradients"
+        self._drop_unowned(owners)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.comm is not None and self.sharding == "gradients" and self._layer_owners():
+            self._drop_unowned(self._layer_owners())
+
+    def _drop_unowned(self, owners: dict[int, int]) -> None:
+        for i, owner in owners.items():
+            if owner != self.rank:
+                for key in self._INVERSE_KEYS:
+                    self._layer_state(i).pop(key, None)
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)

@@ -6,6 +6,11 @@ densely for models up to 4,096 parameters and otherwise keeps it matrix-free on 
 own graph (J v by double backward, Jᵀ u by backward) with conjugate-gradient solves.
 Options add a running average of stored structures (``Schedule.decay``) and momentum or the
 quadratic-model rescaling (``StepPolicy``).
+
+Distributed: F is the Fisher of the union of the ranks' batches — the stored structures
+all-reduce their sums, the matrix-free one all-reduces every product F v (so its CG solve runs
+in lockstep on every rank). The solve itself is replicated: for per-layer sharding of the
+inverse work, use K-FAC.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class NGD(CurvatureOptimizer):
         damping_policy: DampingPolicy = DampingPolicy(),
         step_policy: StepPolicy = StepPolicy(rescale="none", momentum=0.0),
         param_groups: list[dict] | None = None,
+        process_group: object = None,
     ) -> None:
         if structure != "auto" and structure not in STRUCTURES:
             raise ValueError(f"unknown structure {structure!r}; choose 'auto' or one of {list(STRUCTURES)}")
@@ -53,7 +59,7 @@ class NGD(CurvatureOptimizer):
         self.generic_statistics = True
         super().__init__(
             model, lr, damping, likelihood, estimator, samples, schedule, damping_policy, step_policy,
-            param_groups, kronecker=structure in ("kfac", "ekfac", "kron_sum"),
+            param_groups, kronecker=structure in ("kfac", "ekfac", "kron_sum"), process_group=process_group,
         )
         size = self.blocks[-1].stop
         self.structure = structure if structure != "auto" else ("dense" if size <= DENSE_LIMIT else "implicit")
@@ -69,6 +75,9 @@ class NGD(CurvatureOptimizer):
         self.fisher_matrix: FisherMatrix | None = None
         self.fisher_updates = 0
         self._scores: Tensor | None = None
+
+    def _options(self) -> str:
+        return f"{super()._options()}|{self.structure_option}"
 
     def _needs_graph(self) -> bool:
         return super()._needs_graph() or self.structure == "implicit"
@@ -96,7 +105,7 @@ class NGD(CurvatureOptimizer):
             return
         builder = self._builder()
         builder.add(batch)
-        fresh = builder.finish()
+        fresh = builder.finish(self.comm)
         self.fisher_matrix = self._averaged(fresh)
 
     def _graph_fisher(self) -> GraphFisher:
@@ -111,7 +120,7 @@ class NGD(CurvatureOptimizer):
             vectors = None
         else:
             vectors = backprop_vectors(self.likelihood, self.estimator, output, None, self.samples)
-        return GraphFisher(self.blocks, output, self._params(), self.likelihood, vectors)
+        return GraphFisher(self.blocks, output, self._params(), self.likelihood, vectors, self.comm)
 
     def _builder(self):
         args = (self.blocks, self.dtype, self.device)

@@ -3,6 +3,8 @@
 M(δ) = ½ δᵀ (F + λ' I) δ + ∇ᵀδ with F the exact Fisher of the current batch. Only quadratic
 forms aᵀ F b = (1/N) Σ_n (J_n a)ᵀ D_n (J_n b) are needed, and J v comes from the graph that
 produced the output (:class:`~natgrad.optim.linearized.LinearizedOutput`): no second forward.
+Across ranks, the sums Σ_n (J_n a)ᵀ D_n (J_n b) and N are all-reduced: F is that of the union
+of the ranks' batches (the gradient is already the global one).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..distributed import Communicator
 from ..likelihoods import Likelihood
 from ..linearized import LinearizedOutput
 
@@ -52,9 +55,11 @@ def quadratic_model(
     previous: Tensor | None,
     grad: Tensor,
     damping: float | Tensor,
+    comm: Communicator | None = None,
 ) -> QuadraticModel:
     """Build the model on the batch that produced ``output`` (whose graph must be retained);
-    ``damping`` λ' is a number or one value per parameter (flat)."""
+    ``damping`` λ' is a number or one value per parameter (flat); ``comm``: the ranks whose
+    batches make up the global batch."""
     vectors = [direction] if previous is None else [direction, previous]
     linearized = LinearizedOutput(output, params)
     jvps = [linearized.jvp(v) for v in vectors]
@@ -62,11 +67,14 @@ def quadratic_model(
     out = output.detach()
     fisher_jvps = [likelihood.fisher_vector(out, jv) for jv in jvps]
     size = len(vectors)
+    pairs = [(i, j) for i in range(size) for j in range(i, size)]
+    sums = [float((jvps[i] * fisher_jvps[j]).sum()) for i, j in pairs]
+    if comm is not None:
+        *sums, n = comm.all_reduce_numbers(sums + [n], "quadratic model")
     matrix = torch.zeros(2, 2, dtype=torch.float64)
     linear = torch.zeros(2, dtype=torch.float64)
     for i in range(size):
         linear[i] = float(grad @ vectors[i])
-        for j in range(i, size):
-            value = float((jvps[i] * fisher_jvps[j]).sum()) / n + float((vectors[i] * damping * vectors[j]).sum())
-            matrix[i, j] = matrix[j, i] = value
+    for (i, j), total in zip(pairs, sums):
+        matrix[i, j] = matrix[j, i] = total / n + float((vectors[i] * damping * vectors[j]).sum())
     return QuadraticModel(matrix, linear)

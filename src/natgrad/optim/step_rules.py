@@ -19,7 +19,8 @@ from .quadratic import quadratic_model
 
 class StepRules:
     """Needs from the optimizer: ``step_policy``, ``damping_policy``, ``param_groups``,
-    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``_params()``, ``_per_param()``."""
+    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``comm``, ``_params()``,
+    ``_per_param()``."""
 
     def _update(self, direction: Tensor, grads: Tensor):
         """The parameter change (to subtract) and the quadratic model used, if any."""
@@ -43,7 +44,8 @@ class StepRules:
             damping = self._per_param("damping") + self._per_param("weight_decay")
             with torch.enable_grad():
                 model = quadratic_model(
-                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping
+                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping,
+                    self.comm,
                 )
             coeff = model.optimum(use_momentum=previous is not None)
             coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
@@ -81,12 +83,16 @@ class StepRules:
         if model is None:
             raise RuntimeError("adaptive damping needs the graph: call opt.backward(loss, output)")
         state = self.step_state
-        before = float(self._pending[1])
+        before, after = float(self._pending[1]), float(loss)
+        if self.comm is not None:  # the global batch's losses: mean over ranks, weighted by size
+            n = self._pending[0].shape[0]
+            before, after, total = self.comm.all_reduce_numbers([n * before, n * after, n], "loss")
+            before, after = before / total, after / total
         coeff = state.get("coeff")
         predicted = model.value(torch.tensor(coeff, dtype=torch.float64) * float(self.param_groups[0]["lr"])) if coeff else None
         if not predicted or predicted >= 0:
             return
-        ratio = (float(loss) - before) / predicted
+        ratio = (after - before) / predicted
         omega = policy.omega**policy.adapt_every
         for group in self.param_groups:
             value = group["damping"]
