@@ -18,6 +18,10 @@ for the others (:mod:`natgrad.nn.whitening`), so that on the estimation sample
 the whitened inputs ``h_e = U (h − μ)`` have mean 0 and covariance ``Σ (Σ + εI)⁻¹`` exactly —
 i.e. ``E[[h_e; 1][h_e; 1]ᵀ]``, the input factor of the layer's K-FAC block, is the identity up
 to ε. Layers without bias are whitened without centring (``μ = 0`` and ``Σ = E[h hᵀ]``).
+
+Data parallel: ``reparametrize(..., process_group=group)`` on every rank estimates the moments
+of the union of the ranks' inputs by all-reducing the sums (:mod:`natgrad.nn.reduction`); the
+replicas stay identical.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..distributed import Communicator
+from .reduction import agree_on_pass, communicator_for, reduce_sums
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 from .whitening import layer_sums, statistics_dtype, whitening_from_moments
 
@@ -191,43 +197,83 @@ def _one_shot(inputs) -> bool:
 
 
 @torch.no_grad()
-def reparametrize(model: nn.Module, inputs, eps: float = 1e-2) -> dict[str, dict]:
+def reparametrize(model: nn.Module, inputs, eps: float = 1e-2, process_group: object = None) -> dict[str, dict]:
     """Re-estimate every whitened layer's ``μ`` and ``U`` from ``inputs`` in one forward pass and
     change ``V``, ``d`` so that the model computes exactly the same function.
 
     Args:
-        model: a model with whitened layers (:func:`whiten`). It runs in its current mode
+        model: a model with whitened layers (:func:`whiten`), or a DistributedDataParallel /
+            DataParallel wrapper of one (the module inside is used). It runs in its current mode
             (train/eval); buffers of other modules (e.g. BatchNorm running statistics) are
             restored afterwards, so the pass has no side effect besides the new whitening.
         inputs: a tensor, an ``(x, y)`` tuple, or a DataLoader/iterable yielding tensors or
             ``(x, y)`` batches (floating inputs are cast to the model's dtype and device).
         eps: ε > 0 added to the eigenvalues of the covariance: ``U = (Σ + εI)^(-1/2)``.
+        process_group: a ``torch.distributed`` process group: every rank of it calls
+            ``reparametrize`` with its own ``inputs`` (any number of rows, even none) and ``μ``
+            and ``Σ`` are those of the union of all ranks' inputs — the per-rank sums are
+            all-reduced (:mod:`natgrad.nn.reduction`: three small collectives per pass), so
+            every rank computes the same whitening and ends with identical buffers and
+            parameters (given identical models: the whitened layers' names and sizes are
+            checked, ValueError otherwise). ``None`` (default): this process's inputs only, no
+            communication, even inside a distributed job (nothing is detected automatically;
+            :class:`natgrad.optim.PRONG` does detect DDP and the default group). An error
+            raised on one rank only (a bad batch) leaves the others waiting in a collective
+            until the group's timeout (:class:`natgrad.distributed.DistributedError`).
 
     Float64 models are reparametrized in float64; others in float32 where it is accurate to
     ε/10 on the eigenvalues, else in float64 (:mod:`natgrad.nn.whitening`; a float32 pass that
-    fails the test is repeated in float64, so a one-shot iterator is summed in float64 at once).
+    fails the test is repeated in float64, so a one-shot iterator is summed in float64 at once —
+    on every rank if any rank's inputs are one). Over a process group these decisions are
+    taken from the reduced statistics, the same on every rank.
 
     Returns:
-        ``{layer name: info}`` with ``samples`` (rows used: examples × positions), ``eigenvalues``
-        (of Σ, ascending, clamped at 0, float64), ``condition`` (of Σ + εI), ``whitening`` (the
-        :class:`~natgrad.nn.whitening.Whitening`: μ, Λ, Q, ε), ``mean``/``whitener`` (new μ and
-        U) and ``previous_mean``/``previous_whitener``, in the precision of the computation.
-        A layer the pass never reached is left unchanged (with a warning) and maps to ``None``.
+        ``{layer name: info}`` with ``samples`` (rows used: examples × positions, over all
+        ranks), ``eigenvalues`` (of Σ, ascending, clamped at 0, float64), ``condition`` (of
+        Σ + εI), ``whitening`` (the :class:`~natgrad.nn.whitening.Whitening`: μ, Λ, Q, ε),
+        ``mean``/``whitener`` (new μ and U) and ``previous_mean``/``previous_whitener``, in the
+        precision of the computation. A layer the pass never reached (on any rank) is left
+        unchanged (with a warning) and maps to ``None``.
+
+    Raises:
+        TypeError: ``process_group`` is not a ProcessGroup (or None).
+        ValueError: no inputs (on all ranks together), no whitened layer, non-finite
+            statistics, ranks with different whitened layers.
     """
     _check_module(model)
     eps = check_eps(eps)
+    return reparametrize_with(model, inputs, eps, communicator_for(process_group))
+
+
+@torch.no_grad()
+def reparametrize_with(model: nn.Module, inputs, eps: float, comm: Communicator | None) -> dict[str, dict]:
+    """:func:`reparametrize` over the ranks of ``comm`` (None: locally)."""
+    from ..optim.base import unwrap  # natgrad.optim imports natgrad.nn
+
+    model = unwrap(model)
+    eps = check_eps(eps)
     layers = _require_whitened(model)
     dtype = statistics_dtype(layers[0][1].weight.dtype)
-    if _one_shot(inputs):
+    one_shot = _one_shot(inputs)
+    if comm is not None:
+        one_shot = agree_on_pass(comm, layers, dtype, one_shot)
+    if one_shot:
         dtype = torch.float64
+
+    def statistics(dtype: torch.dtype):
+        sums, examples = layer_sums(model, layers, inputs, dtype)
+        if comm is not None:
+            examples = reduce_sums(comm, sums, examples)
+        return sums, examples
+
     with ExitStack() as stack:  # W = V U folded once: the pass's forward and the update start from it
         folds = {name: stack.enter_context(layer.fixed_fold()) for name, layer in layers}
-        sums, examples = layer_sums(model, layers, inputs, dtype)
+        sums, examples = statistics(dtype)
         if examples == 0:
             raise ValueError("reparametrize got no inputs (an empty tensor or data loader): it needs training "
                              "inputs to estimate the whitening")
         if not all(s.float32_accurate(eps) for s in sums.values()):
-            sums, _ = layer_sums(model, layers, inputs, torch.float64)
+            sums, _ = statistics(torch.float64)
 
     info: dict[str, dict | None] = {}
     updates = []

@@ -1,12 +1,14 @@
 """The statistics and the eigendecomposition behind PRONG's reparametrization.
 
-Three steps, kept apart so that a data-parallel reduction can be slotted in after the first:
+Three steps, kept apart so that a data-parallel reduction (:mod:`natgrad.nn.reduction`) is
+slotted in after the first:
 
 1. :func:`layer_sums` — one forward pass; per whitened layer, sums over the rows ``h`` of its
    input around a shift ``c`` (the layer's current ``μ``, a buffer every replica shares):
    ``count``, ``s1 = Σ (h − c)`` and ``s2 = Σ (h − c)(h − c)ᵀ``, plus the per-feature minimum
    and maximum of ``h − c`` (``low``, ``high``). With a common shift they can be all-reduced
-   over processes as they are (sums with SUM, ``low``/``high`` with MIN/MAX).
+   over processes as they are (sums with SUM, ``low``/``high`` with MIN/MAX), which
+   ``reparametrize(..., process_group=...)`` does.
 2. :meth:`LayerSums.moments` — the population moments ``μ = c + s1/n`` and
    ``Σ = s2/n − (s1/n)(s1/n)ᵀ``; for a layer without bias ``μ = 0`` and ``Σ = E[h hᵀ]``. The
    shift keeps the subtraction free of cancellation once ``μ`` has been estimated. A feature
