@@ -22,6 +22,12 @@ coordinates, so it is **reset** (the fix of the paper's footnote 6); with ``mome
 parameter displacements they are (``ΔV ← ΔV U_old U_new⁻¹``, ``Δd ← Δd + ΔW (μ_new − μ_old)``),
 so the pending momentum moves the function exactly as it would have.
 
+Data parallel (``torch.nn.parallel.DistributedDataParallel``, or any initialised default
+group): the loop is unchanged. Each rank draws ``samples`` inputs from its *own* ``data`` (its
+shard) and the reparametrization uses the union of all ranks' draws (``R × samples`` rows on
+``R`` ranks; :func:`natgrad.nn.reparametrize` with the process group), so every replica gets the
+same μ, U, V, d — the whitening a single process would compute from the concatenated draws.
+
 Resume: ``state_dict()`` is the base optimizer's plus a ``"prong"`` entry (step and
 reparametrization counters, the row-sampling generator). Construct PRONG (which reparametrizes),
 *then* load the model's and the optimizer's state dicts (and the torch RNG): training continues
@@ -30,13 +36,15 @@ bit for bit.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .. import nn as natgrad_nn
-from ..nn.reparametrize import check_eps, whitened_layers
+from ..distributed import Communicator, model_fingerprint, resolve_group
+from ..nn.reduction import check_process_group
+from ..nn.reparametrize import check_eps, reparametrize_with, whitened_layers
+from ..nn.sampling import check_data, draw_inputs
 from ..nn.whitened import WhitenedLayer
 from .base import unwrap
 
@@ -53,38 +61,42 @@ def _check_count(name: str, value) -> int:
     return int(value)
 
 
-def _first_tensor(batch):
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(f"data batches must be tensors or (x, y) pairs of tensors, got {type(batch).__name__}")
-    return batch
-
-
 class PRONG(torch.optim.Optimizer):
     """Projected Natural Gradient Descent: ``base_optimizer`` on a whitened model, reparametrized
     from ``samples`` inputs of ``data`` before the first step and after every ``every`` steps.
 
     Args:
-        model: a model with whitened layers (:func:`natgrad.nn.whiten`).
+        model: a model with whitened layers (:func:`natgrad.nn.whiten`), or its
+            DistributedDataParallel wrapper (either may be passed; the module inside is used).
         base_optimizer: a ``torch.optim.Optimizer`` over (some of) ``model``'s parameters,
             including whitened layers' parameters; it performs the steps. ``param_groups``,
             ``state`` and ``defaults`` are the base optimizer's (LR schedulers work on PRONG).
         data: training inputs: a tensor (``samples`` random rows are drawn each time, without
             replacement; all rows if there are fewer), an ``(x, y)`` tuple of tensors, or a
             re-iterable DataLoader / list of batches (tensors or ``(x, y)``), from which the first
-            batches of a fresh pass are concatenated up to ``samples`` rows.
+            batches of a fresh pass are concatenated up to ``samples`` rows. In a process group,
+            this rank's inputs (its shard; it may be empty if other ranks' are not).
         every: T, the reparametrization period in steps (default 100).
-        samples: N_s, the number of inputs the statistics are estimated from (default 1000).
+        samples: N_s, the number of inputs the statistics are estimated from (default 1000; per rank
+            in a process group).
         eps: ε > 0 added to the covariance eigenvalues (default 1e-2).
         momentum: ``"reset"`` (default): after a reparametrization the base optimizer's state of
             the whitened layers' parameters is cleared; ``"transform"``: SGD momentum buffers
             are mapped to the new coordinates (``torch.optim.SGD`` only).
         seed: seed of the generator drawing the rows of a tensor ``data`` (default
-            ``torch.initial_seed()``); the global RNG is not used for it.
+            ``torch.initial_seed()``; plus the rank in a process group, so that ranks given the
+            same tensor draw different rows); the global RNG is not used for it.
+        process_group: the ranks to reparametrize over. ``None`` (default): the group of a
+            DistributedDataParallel ``model``, else the default group if torch.distributed is
+            initialised, else this process alone. Each rank draws from its own ``data``; the
+            statistics are those of the union (see the module docstring). At construction the
+            ranks are checked to hold the same model (parameters and whitening buffers) and the
+            same options (``every``, ``samples``, ``eps``, ``momentum``, base optimizer and its
+            hyper-parameters): ValueError on every rank otherwise.
 
     Attributes: ``steps`` (completed steps), ``reparametrizations`` (count, including the one
-    at construction), ``last_info`` (what :func:`natgrad.nn.reparametrize` returned last).
+    at construction), ``last_info`` (what :func:`natgrad.nn.reparametrize` returned last),
+    ``comm`` (the :class:`~natgrad.distributed.Communicator`, None on one process).
     """
 
     def __init__(
@@ -97,7 +109,10 @@ class PRONG(torch.optim.Optimizer):
         eps: float = 1e-2,
         momentum: str = "reset",
         seed: int | None = None,
+        *,
+        process_group: object = None,
     ) -> None:
+        self.comm: Communicator | None = resolve_group(model, check_process_group(process_group))
         model = unwrap(model)
         layers = whitened_layers(model)
         if not layers:
@@ -130,7 +145,7 @@ class PRONG(torch.optim.Optimizer):
                              "optimizer; use momentum='reset' for others")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
-        data = self._check_data(data)
+        data = check_data(data, allow_empty=self.comm is not None)
 
         # torch.optim.Optimizer's own set-up (hooks, step profiling) on a placeholder; param_groups,
         # state and defaults are then the base optimizer's (see the properties below).
@@ -146,16 +161,37 @@ class PRONG(torch.optim.Optimizer):
         self.eps = eps
         self.momentum = momentum
         self.generator = torch.Generator()
-        self.generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        seed = torch.initial_seed() if seed is None else seed
+        self.generator.manual_seed((seed + self.rank) % 2**64 if self.rank else seed)
         self.steps = 0
         self.reparametrizations = 0
         self.last_info: dict | None = None
+        if self.comm is not None:
+            self._check_ranks()
         # t = 0. What it changes is kept until the first step, so that load_state_dict can undo it
         # when the model already holds a checkpoint (loaded before PRONG was constructed).
         undo = [(t, t.detach().clone()) for _, layer in layers
                 for t in (layer.weight, layer.bias, layer.mean, layer.whitener) if t is not None]
         self.reparametrize()
         self._undo = [(t, saved, t._version) for t, saved in undo]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.comm is None else self.comm.rank
+
+    def _check_ranks(self) -> None:
+        """ValueError on every rank unless all hold the same model and options."""
+        description, checksums = model_fingerprint(self.model)
+        buffers = [t.detach().double().sum() for _, layer in whitened_layers(self.model)
+                   for t in (layer.mean, layer.whitener)]
+        plain = (int, float, bool, str, tuple, type(None))
+        groups = [sorted((k, v) for k, v in g.items() if k != "params" and isinstance(v, plain))
+                  + [("params", len(g["params"]))] for g in self.base_optimizer.param_groups]
+        options = (f"PRONG|every={self.every}|samples={self.samples}|eps={self.eps!r}|momentum={self.momentum}|"
+                   f"{type(self.base_optimizer).__name__}|{groups}")
+        values = torch.cat([checksums.cpu(), torch.stack(buffers).cpu()])
+        self.comm.check_same(f"{description}|{options}", values,
+                             "PRONG setup: the model (parameters, whitening buffers) or the options")
 
     # ---------------------------------------------------------------- proxies to the base optimizer
     @property
@@ -214,43 +250,10 @@ class PRONG(torch.optim.Optimizer):
         base.add_param_group(param_group)
 
     # ---------------------------------------------------------------- data
-    @staticmethod
-    def _check_data(data):
-        if isinstance(data, tuple) and data and isinstance(data[0], Tensor):
-            data = data[0]
-        if isinstance(data, Tensor):
-            if data.dim() == 0 or data.shape[0] == 0:
-                raise ValueError("data is empty: PRONG needs training inputs to estimate the whitening")
-            return data
-        if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
-            raise TypeError("data must be a tensor of training inputs, an (x, y) tuple, or a DataLoader/list of "
-                            f"batches, got {type(data).__name__}")
-        if iter(data) is data:
-            raise TypeError("data must be re-iterable (a DataLoader or a list of batches), not a one-shot "
-                            "iterator/generator: PRONG draws inputs from it at every reparametrization")
-        return data
-
     def sample_inputs(self) -> Tensor:
-        """The inputs of the next reparametrization (``samples`` rows of ``data``)."""
-        data = self.data
-        if isinstance(data, Tensor):
-            n = data.shape[0]
-            if self.samples >= n:
-                return data
-            index = torch.randperm(n, generator=self.generator)[: self.samples]
-            return data[index.to(data.device)]
-        parts, count = [], 0
-        for batch in data:
-            x = _first_tensor(batch)
-            if x.dim() == 0 or x.shape[0] == 0:
-                continue
-            parts.append(x[: self.samples - count])
-            count += parts[-1].shape[0]
-            if count >= self.samples:
-                break
-        if not parts:
-            raise ValueError("data yielded no inputs: PRONG needs training inputs to estimate the whitening")
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        """The inputs of the next reparametrization (``samples`` rows of this rank's ``data``;
+        :func:`natgrad.nn.sampling.draw_inputs`)."""
+        return draw_inputs(self.data, self.samples, self.generator, allow_empty=self.comm is not None)
 
     # ---------------------------------------------------------------- the loop
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -272,7 +275,7 @@ class PRONG(torch.optim.Optimizer):
     def reparametrize(self) -> dict:
         """Reparametrize now from fresh samples of ``data`` and reset (or transform) the base
         optimizer's state of the whitened layers. Returns the per-layer info."""
-        info = natgrad_nn.reparametrize(self.model, self.sample_inputs(), self.eps)
+        info = reparametrize_with(self.model, self.sample_inputs(), self.eps, self.comm)
         self._after_reparametrization(info)
         self.reparametrizations += 1
         self.last_info = info
