@@ -5,7 +5,8 @@ exact Kronecker sums, K-FAC, EKFAC, matrix-free), under the exact, Monte-Carlo a
 estimators, each tested against a brute-force reference.
 """
 
-from . import diagnostics, nn, optim
+from . import diagnostics, distributed, nn, optim
+from .distributed import DistributedError
 from .errors import ConvergenceError, UnsupportedLayerError
 from .fisher import STRUCTURES, fisher, natural_gradient
 from .layers import LayerAdapter, register_layer
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "diagnostics",
+    "distributed",
+    "DistributedError",
     "nn",
     "optim",
     "fisher",
