@@ -99,6 +99,9 @@ class Communicator:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
+        # where small bookkeeping tensors live: NCCL reduces CUDA tensors only
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.payload_bytes = 0
         self.seconds = 0.0
         self.calls = 0
@@ -146,9 +149,15 @@ class Communicator:
                 reduced[i] = _unpack(piece, tensors[i], symmetric[i])
         return reduced  # type: ignore[return-value]
 
+    def all_reduce_max(self, tensor: Tensor, what: str = "all-reduce max") -> Tensor:
+        """The elementwise maximum over ranks of ``tensor`` (a new tensor; MIN is −max(−x))."""
+        buffer = tensor.clone()
+        self._run(what, lambda: dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group), buffer)
+        return buffer
+
     def all_reduce_numbers(self, values: Sequence[float], what: str = "all-reduce") -> list[float]:
         """Σ over ranks of a few float64 numbers."""
-        (total,) = self.all_reduce([torch.tensor(list(values), dtype=torch.float64)], what=what)
+        (total,) = self.all_reduce([torch.tensor(list(values), dtype=torch.float64, device=self.device)], what=what)
         return total.tolist()
 
     def broadcast_owned(
@@ -190,8 +199,8 @@ class Communicator:
         parameter names and shapes, options) and bitwise the same float64 ``values``; ``hint``
         replaces the default advice (same model, same parameter values, same options)."""
         digest = hashlib.sha256(description.encode()).digest()[:7]
-        local = torch.cat([torch.tensor([int.from_bytes(digest, "little")], dtype=torch.float64),
-                           values.detach().to(torch.float64).reshape(-1).cpu()])
+        local = torch.cat([torch.tensor([int.from_bytes(digest, "little")], dtype=torch.float64, device=self.device),
+                           values.detach().to(device=self.device, dtype=torch.float64).reshape(-1)])
         lengths = self.all_reduce_numbers([local.numel() if r == self.rank else 0 for r in range(self.world)], what)
         if len(set(lengths)) == 1:
             gathered = [torch.empty_like(local) for _ in range(self.world)]

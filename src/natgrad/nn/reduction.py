@@ -27,7 +27,6 @@ import hashlib
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from ..distributed import Communicator, resolve_group
 from .whitened import WhitenedLayer
@@ -55,14 +54,6 @@ def communicator_for(process_group: object) -> Communicator | None:
     return resolve_group(None, process_group)
 
 
-def _all_reduce_max(comm: Communicator, tensor: Tensor, what: str) -> Tensor:
-    """The elementwise maximum over ranks (a new tensor), with ``comm``'s error handling and
-    accounting."""
-    buffer = tensor.clone()
-    comm._run(what, lambda: dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=comm.group), buffer)
-    return buffer
-
-
 def _signature(text: str) -> float:
     """48 bits of the SHA-256 of ``text``, exact in float64."""
     return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "little"))
@@ -81,7 +72,7 @@ def agree_on_pass(comm: Communicator, layers: list[tuple[str, WhitenedLayer]], d
     sig = _signature(layout)
     device = layers[0][1].weight.device
     local = torch.tensor([float(one_shot), sig, -sig], dtype=torch.float64, device=device)
-    flag, high, minus_low = _all_reduce_max(comm, local, "reparametrize: layer check").tolist()
+    flag, high, minus_low = comm.all_reduce_max(local, "reparametrize: layer check").tolist()
     if high != -minus_low:
         raise ValueError(
             f"reparametrize: the ranks' whitened layers differ (rank {comm.rank} reporting): every rank must "
@@ -100,7 +91,7 @@ def reduce_sums(comm: Communicator, sums: dict[str, LayerSums], examples: int) -
     slots = torch.zeros(comm.world, len(items) + 1, dtype=torch.float64, device=device)
     slots[comm.rank] = torch.tensor([float(s.count) for s in items] + [float(examples)], dtype=torch.float64)
     extremes = torch.cat([torch.cat([s.high, -s.low]).double() for s in items])
-    maxima = _all_reduce_max(comm, torch.cat([slots.reshape(-1), extremes]), "reparametrize: ranges")
+    maxima = comm.all_reduce_max(torch.cat([slots.reshape(-1), extremes]), "reparametrize: ranges")
     counts = maxima[: slots.numel()].view_as(slots).sum(0).tolist()
     offset = slots.numel()
     for i, s in enumerate(items):

@@ -29,12 +29,14 @@ shard) and the reparametrization uses the union of all ranks' draws (``R × samp
 same μ, U, V, d — the whitening a single process would compute from the concatenated draws.
 
 Resume: ``state_dict()`` is the base optimizer's plus a ``"prong"`` entry (step and
-reparametrization counters, the row-sampling generator). Construct PRONG (which reparametrizes),
+reparametrization counters, the row-sampling seed). Construct PRONG (which reparametrizes),
 *then* load the model's and the optimizer's state dicts (and the torch RNG): training continues
 bit for bit.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from typing import Callable
 
@@ -83,9 +85,11 @@ class PRONG(torch.optim.Optimizer):
         momentum: ``"reset"`` (default): after a reparametrization the base optimizer's state of
             the whitened layers' parameters is cleared; ``"transform"``: SGD momentum buffers
             are mapped to the new coordinates (``torch.optim.SGD`` only).
-        seed: seed of the generator drawing the rows of a tensor ``data`` (default
-            ``torch.initial_seed()``; plus the rank in a process group, so that ranks given the
-            same tensor draw different rows); the global RNG is not used for it.
+        seed: seed of the rows drawn from a tensor ``data`` (default ``torch.initial_seed()``;
+            rank 0's in a process group); the k-th reparametrization on rank r draws with a
+            generator seeded from (seed, r, k), so ranks given the same tensor draw different
+            rows and a resumed run draws what the uninterrupted one would; the global RNG is
+            not used for it.
         process_group: the ranks to reparametrize over. ``None`` (default): the group of a
             DistributedDataParallel ``model``, else the default group if torch.distributed is
             initialised, else this process alone. Each rank draws from its own ``data``; the
@@ -161,8 +165,11 @@ class PRONG(torch.optim.Optimizer):
         self.eps = eps
         self.momentum = momentum
         self.generator = torch.Generator()
-        seed = torch.initial_seed() if seed is None else seed
-        self.generator.manual_seed((seed + self.rank) % 2**64 if self.rank else seed)
+        self.seed = (torch.initial_seed() if seed is None else seed) % 2**62
+        if self.comm is not None:  # rank 0's: a checkpoint written by rank 0 resumes every rank
+            local = torch.tensor([self.seed if self.rank == 0 else 0], dtype=torch.int64, device=self.comm.device)
+            (common,) = self.comm.all_reduce([local], what="PRONG seed")
+            self.seed = int(common)
         self.steps = 0
         self.reparametrizations = 0
         self.last_info: dict | None = None
@@ -253,6 +260,7 @@ class PRONG(torch.optim.Optimizer):
     def sample_inputs(self) -> Tensor:
         """The inputs of the next reparametrization (``samples`` rows of this rank's ``data``;
         :func:`natgrad.nn.sampling.draw_inputs`)."""
+        self.generator.manual_seed(_draw_seed(self.seed, self.rank, self.reparametrizations))
         return draw_inputs(self.data, self.samples, self.generator, allow_empty=self.comm is not None)
 
     # ---------------------------------------------------------------- the loop
@@ -321,7 +329,7 @@ class PRONG(torch.optim.Optimizer):
         state["prong"] = {
             "steps": self.steps,
             "reparametrizations": self.reparametrizations,
-            "generator": self.generator.get_state(),
+            "seed": self.seed,
             "every": self.every,
             "samples": self.samples,
             "eps": self.eps,
@@ -344,8 +352,7 @@ class PRONG(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.steps = int(extra["steps"])
         self.reparametrizations = int(extra.get("reparametrizations", 0))
-        if "generator" in extra:
-            self.generator.set_state(extra["generator"])
+        self.seed = int(extra.get("seed", self.seed))
         undo, self._undo = self.__dict__.get("_undo"), None
         if undo and all(t._version == version for t, _, version in undo):
             with torch.no_grad():
@@ -361,3 +368,9 @@ class PRONG(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"PRONG(every={self.every}, samples={self.samples}, eps={self.eps}, momentum={self.momentum!r}, "
                 f"base={type(self.base_optimizer).__name__})")
+
+
+def _draw_seed(seed: int, rank: int, count: int) -> int:
+    """A 63-bit generator seed for the ``count``-th draw of ``rank``, mixed from the base seed."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{count}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
