@@ -35,6 +35,15 @@ class DistributedError(RuntimeError):
     """A collective operation failed on this rank (a peer failed or the group timed out)."""
 
 
+def unwrap(model: object) -> nn.Module:
+    """The module inside DistributedDataParallel/DataParallel wrappers (TypeError for non-modules)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def resolve_group(model: nn.Module | None, process_group: object = None) -> "Communicator | None":
     """The communicator for ``process_group``; ``None`` selects the group of a
     DistributedDataParallel ``model``, else the default group if torch.distributed is

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .capture import preserved_state
 from .collect import Collector
 from .data import iter_batches
-from .distributed import Communicator, DistributedError, model_fingerprint, resolve_group
+from .distributed import Communicator, DistributedError, model_fingerprint, resolve_group, unwrap
 from .estimators import backprop_vectors, check_estimator, outer_curvature
 from .functional import model_function, snapshot
 from .linearized import LinearizedOutput
@@ -91,7 +91,7 @@ def fisher(
     comm = None if process_group is None else resolve_group(None, process_group)
     error = None
     try:
-        model = _unwrap(model)
+        model = unwrap(model)
         if not isinstance(structure, str) or structure not in STRUCTURES:
             raise ValueError(f"unknown structure {structure!r}; choose one of {list(STRUCTURES)}")
         check_estimator(estimator, samples)
@@ -135,15 +135,6 @@ def natural_gradient(F: FisherMatrix, grad: Tensor, damping: float) -> Tensor:
         raise TypeError(f"F must be a natgrad FisherMatrix (from natgrad.fisher), got {type(F).__name__}")
     check_vector(grad, F.size, F.dtype, name="grad")
     return F.solve(grad, check_damping(damping))
-
-
-def _unwrap(model: object) -> nn.Module:
-    # natgrad.optim.base.unwrap does the same, but natgrad.optim imports this module
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def _refuse_batchnorm_training(model: nn.Module) -> None:

@@ -35,7 +35,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..distributed import Communicator
+from ..distributed import Communicator, unwrap
 from .reduction import agree_on_pass, communicator_for, reduce_sums
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 from .whitening import layer_sums, statistics_dtype, whitening_from_moments
@@ -248,8 +248,6 @@ def reparametrize(model: nn.Module, inputs, eps: float = 1e-2, process_group: ob
 @torch.no_grad()
 def reparametrize_with(model: nn.Module, inputs, eps: float, comm: Communicator | None) -> dict[str, dict]:
     """:func:`reparametrize` over the ranks of ``comm`` (None: locally)."""
-    from ..optim.base import unwrap  # natgrad.optim imports natgrad.nn
-
     model = unwrap(model)
     eps = check_eps(eps)
     layers = _require_whitened(model)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collect import BatchData, Collector, LayerData
-from ..distributed import Communicator, model_fingerprint, resolve_group
+from ..distributed import Communicator, model_fingerprint, resolve_group, unwrap
 from ..estimators import backprop_vectors, check_estimator
 from ..layout import Block, model_dtype_device, parameter_blocks
 from ..likelihoods import Likelihood, get_likelihood
@@ -35,15 +35,6 @@ from ..linalg import check_damping
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
 from .step_rules import StepRules
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel/DataParallel wrappers."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def check_lr(lr: float) -> float:

@@ -43,12 +43,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..distributed import Communicator, model_fingerprint, resolve_group
+from ..distributed import Communicator, model_fingerprint, resolve_group, unwrap
 from ..nn.reduction import check_process_group
 from ..nn.reparametrize import check_eps, reparametrize_with, whitened_layers
 from ..nn.sampling import check_data, draw_inputs
 from ..nn.whitened import WhitenedLayer
-from .base import unwrap
 
 __all__ = ["PRONG"]
 
