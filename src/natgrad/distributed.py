@@ -8,6 +8,8 @@ natgrad has no communication layer of its own: a :class:`Communicator` wraps a
   d(d+1)/2 instead of d² numbers;
 * :meth:`Communicator.broadcast_owned` — every rank broadcasts the tensors it computed (a layer's
   inverse on its owner rank, see :func:`assign_owners`), one bucket per owner;
+* :meth:`Communicator.broadcast_objects` — the same for results whose shapes only their owner
+  knows (PRONG's whitenings);
 * :meth:`Communicator.all_gather_rows` — concatenation over ranks along the first dimension
   (ranks may hold different numbers of rows);
 * :meth:`Communicator.check_same` — that every rank holds the same model and configuration.
@@ -21,6 +23,7 @@ rank died, or the group's timeout (``init_process_group(timeout=...)``) expired 
 from __future__ import annotations
 
 import hashlib
+import pickle
 import time
 from typing import Sequence
 
@@ -191,6 +194,24 @@ class Communicator:
                     for i, piece in zip(bucket, torch.split(buffer, [flats[i].numel() for i in bucket])):
                         k, j = items[i]
                         tensors[k][j].copy_(_unpack(piece, tensors[k][j], symmetric[k][j]))
+
+    def broadcast_objects(self, objects: dict[object, object], owners: dict[object, int], what: str = "broadcast") -> dict:
+        """``{key: rank owners[key]'s objects[key]}`` on every rank, for picklable results whose
+        shapes only the owner knows (non-owners' entries are ignored). One call per owning rank."""
+        result = dict(objects)
+        for src in range(self.world):
+            keys = [k for k in objects if owners[k] == src]
+            if not keys:
+                continue
+            payload = [[objects[k] for k in keys] if src == self.rank else None]
+            root = dist.get_global_rank(self.group, src) if self.group is not dist.group.WORLD else src
+            device = self.device if self.device.type == "cuda" else None
+            marker = torch.empty(0)
+            self._run(what, lambda: dist.broadcast_object_list(payload, src=root, group=self.group, device=device), marker)
+            if src == self.rank:
+                self.payload_bytes += len(pickle.dumps(payload[0]))
+            result.update(zip(keys, payload[0]))
+        return result
 
     def all_gather_rows(self, tensor: Tensor, what: str = "all-gather") -> Tensor:
         """The concatenation over ranks (in rank order) of ``tensor`` along dimension 0."""

@@ -35,10 +35,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..distributed import Communicator, unwrap
+from ..distributed import Communicator, assign_owners, unwrap
 from .reduction import agree_on_pass, communicator_for, reduce_sums
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
-from .whitening import layer_sums, statistics_dtype, whitening_from_moments
+from .whitening import Whitening, layer_sums, statistics_dtype, whitening_from_moments
 
 __all__ = ["whiten", "unwhiten", "reparametrize", "whitened_layers", "check_eps"]
 
@@ -245,6 +245,24 @@ def reparametrize(model: nn.Module, inputs, eps: float = 1e-2, process_group: ob
     return reparametrize_with(model, inputs, eps, communicator_for(process_group))
 
 
+def _whitenings(sums: dict, eps: float, comm: Communicator | None) -> dict[str, Whitening | str | None]:
+    """Each layer's whitening, or the message of why it failed (None: layer not called). With
+    ranks, each layer's eigendecomposition runs on one rank (balanced by d³) and is broadcast:
+    no rank repeats another's work, and every rank applies the same bits."""
+    names = [name for name, s in sums.items() if s.count > 0]
+    owners = dict(zip(names, assign_owners([float(sums[n].s1.shape[0]) ** 3 for n in names], comm.world))) if comm else {}
+    results: dict[str, Whitening | str | None] = {name: None for name in sums}
+    for name in names:
+        if comm is None or owners[name] == comm.rank:
+            try:
+                results[name] = whitening_from_moments(*sums[name].moments(), eps)
+            except ValueError as error:
+                results[name] = str(error)
+    if comm is not None:
+        results.update(comm.broadcast_objects({n: results[n] for n in names}, owners, "reparametrize: whitenings"))
+    return results
+
+
 @torch.no_grad()
 def reparametrize_with(model: nn.Module, inputs, eps: float, comm: Communicator | None) -> dict[str, dict]:
     """:func:`reparametrize` over the ranks of ``comm`` (None: locally)."""
@@ -275,17 +293,16 @@ def reparametrize_with(model: nn.Module, inputs, eps: float, comm: Communicator 
 
     info: dict[str, dict | None] = {}
     updates = []
+    whitenings = _whitenings(sums, eps, comm)
     for name, layer in layers:
         if sums[name].count == 0:
             warnings.warn(f"whitened layer {name!r} was not called on the inputs: its whitening is unchanged",
                           RuntimeWarning, stacklevel=2)
             info[name] = None
             continue
-        try:
-            whitening = whitening_from_moments(*sums[name].moments(), eps)
-        except ValueError as error:
-            raise ValueError(f"whitened layer {name!r}: {error}") from None
-        updates.append((name, layer, whitening, sums[name].count))
+        if isinstance(whitenings[name], str):
+            raise ValueError(f"whitened layer {name!r}: {whitenings[name]}")
+        updates.append((name, layer, whitenings[name], sums[name].count))
     # all statistics first, then all updates (a failure above leaves the model untouched)
     for name, layer, whitening, count in updates:
         old_mean, old_u = layer.set_whitening(whitening, folds[name])
