@@ -12,10 +12,11 @@ the ranks. Per optimizer step and rank it records
 * the bytes and time of DDP's gradient all-reduce, counted by a comm hook that all-reduces each
   bucket *synchronously* (so its time is measurable; DDP's default overlaps it with the
   backward pass);
-* the step's wall time (zero_grad, forward, loss, ``opt.backward``, ``opt.step``); computation =
-  step time − communication. The ranks meet at a barrier (untimed) before every step, so
-  communication time includes waiting for a slower rank within the step (e.g. for the owner of a
-  layer's inverse) but not skew carried over from earlier steps.
+* the step's wall time (zero_grad, forward, loss, ``opt.backward``, ``opt.step``), split into
+  communication (time inside the collectives), wait (in a barrier this benchmark puts just
+  before each collective: waiting for the slowest rank, e.g. for the owner of a layer's inverse,
+  or for a process the OS has descheduled) and computation (the rest). The ranks also meet at
+  an untimed barrier before every step, so no skew carries over from one step to the next.
 
 Steps are classed as ``inverse`` (inverses/eigenbases recomputed and shared), ``statistics``
 (factors all-reduced only) or ``plain``. Next to the measured bytes: natgrad's predicted bytes
@@ -76,14 +77,18 @@ def build_model() -> nn.Module:
 
 
 class DDPCounter:
-    """DDP comm hook state: all-reduce each bucket synchronously, count bytes and seconds."""
+    """DDP comm hook state: all-reduce each bucket synchronously, count bytes and seconds
+    (``wait``: in a barrier just before, i.e. waiting for the slowest rank)."""
 
     def __init__(self, world: int) -> None:
-        self.world, self.bytes, self.seconds, self.calls = world, 0, 0.0, 0
+        self.world, self.bytes, self.seconds, self.wait, self.calls = world, 0, 0.0, 0.0, 0
 
 
 def counting_hook(state: DDPCounter, bucket):
     buffer = bucket.buffer()
+    start = time.perf_counter()
+    dist.barrier()
+    state.wait += time.perf_counter() - start
     start = time.perf_counter()
     dist.all_reduce(buffer)
     state.seconds += time.perf_counter() - start
@@ -97,16 +102,22 @@ def counting_hook(state: DDPCounter, bucket):
 
 def label_tally(comm) -> dict:
     """Split the Communicator's accounting by the collective's label (wraps its private
-    ``_run``; the totals used for the figures are the public ``payload_bytes``/``seconds``)."""
+    ``_run``; the totals used for the figures are the public ``payload_bytes``/``seconds``).
+    A barrier before each collective takes the waiting for the slowest rank out of the
+    transfer time: {label: [bytes, transfer seconds, wait seconds]}."""
     tally: dict[str, list] = {}
     run = comm._run
 
     def counted(what, op, tensor):
+        start = time.perf_counter()
+        dist.barrier(group=comm.group)
+        wait = time.perf_counter() - start
         b, s = comm.payload_bytes, comm.seconds
         run(what, op, tensor)
-        entry = tally.setdefault(what, [0, 0.0])
+        entry = tally.setdefault(what, [0, 0.0, 0.0])
         entry[0] += comm.payload_bytes - b
         entry[1] += comm.seconds - s
+        entry[2] += wait
 
     comm._run = counted
     return tally
@@ -141,7 +152,7 @@ def run_case(rank: int, world: int, name: str, cfg: dict, x: torch.Tensor, y: to
             dist.barrier()
         before = (comm.payload_bytes, comm.seconds) if comm is not None else (0, 0.0)
         labels = {k: list(v) for k, v in tally.items()}
-        ddp = (counter.bytes, counter.seconds)
+        ddp = (counter.bytes, counter.seconds, counter.wait)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = net(xb)
@@ -157,12 +168,12 @@ def run_case(rank: int, world: int, name: str, cfg: dict, x: torch.Tensor, y: to
             continue
         nat_bytes = comm.payload_bytes - before[0] if comm is not None else 0
         nat_seconds = comm.seconds - before[1] if comm is not None else 0.0
-        by_label = {k: [v[0] - labels.get(k, [0, 0.0])[0], v[1] - labels.get(k, [0, 0.0])[1]]
-                    for k, v in tally.items()}
+        by_label = {k: [x - y for x, y in zip(v, labels.get(k, [0, 0.0, 0.0]))] for k, v in tally.items()}
         records.append({
             "step": step, "kind": K.step_kinds([step], stat_every, INVERSE_EVERY)[0],
             "seconds": seconds, "natgrad_bytes": nat_bytes, "natgrad_seconds": nat_seconds,
             "ddp_bytes": counter.bytes - ddp[0], "ddp_seconds": counter.seconds - ddp[1],
+            "wait_seconds": counter.wait - ddp[2] + sum(v[2] for v in by_label.values()),
             "by_label": {k: v for k, v in by_label.items() if v[0] or v[1]},
             "loss": float(loss.detach()),
         })
@@ -238,8 +249,8 @@ def summarize(steps: list[dict]) -> dict:
     def avg(recs):
         comm = [r["natgrad_seconds"] + r["ddp_seconds"] for r in recs]
         return {"steps": len(recs), "step_seconds": _mean(r["seconds"] for r in recs),
-                "comm_seconds": _mean(comm),
-                "compute_seconds": _mean(r["seconds"] - c for r, c in zip(recs, comm)),
+                "comm_seconds": _mean(comm), "wait_seconds": _mean(r["wait_seconds"] for r in recs),
+                "compute_seconds": _mean(r["seconds"] - c - r["wait_seconds"] for r, c in zip(recs, comm)),
                 "natgrad_seconds": _mean(r["natgrad_seconds"] for r in recs),
                 "ddp_seconds": _mean(r["ddp_seconds"] for r in recs),
                 "natgrad_bytes": _mean(r["natgrad_bytes"] for r in recs),
@@ -249,12 +260,10 @@ def summarize(steps: list[dict]) -> dict:
                       if any(r["kind"] == k for r in steps)}
     labels: dict[str, list] = {}
     for r in steps:
-        for k, (b, s) in r["by_label"].items():
-            e = labels.setdefault(k, [0, 0.0])
-            e[0] += b
-            e[1] += s
-    out["by_label"] = {k: {"bytes_per_step": b / len(steps), "seconds_per_step": s / len(steps)}
-                       for k, (b, s) in labels.items()}
+        for k, v in r["by_label"].items():
+            labels[k] = [x + y for x, y in zip(labels.get(k, [0, 0.0, 0.0]), v)]
+    out["by_label"] = {k: {"bytes_per_step": b / len(steps), "seconds_per_step": s / len(steps),
+                           "wait_seconds_per_step": w / len(steps)} for k, (b, s, w) in labels.items()}
     return out
 
 
@@ -274,7 +283,7 @@ def case_record(world: int, name: str, ranks: list[dict], cfg: dict) -> dict:
     measured_labels = {k: v["bytes_per_step"] * n for k, v in per_rank[0]["by_label"].items()}
     rec.update(
         steps=steps, per_rank=per_rank, mean={k: _mean(p[k] for p in per_rank) for k in
-                                              ("step_seconds", "comm_seconds", "compute_seconds",
+                                              ("step_seconds", "comm_seconds", "wait_seconds", "compute_seconds",
                                                "natgrad_bytes", "ddp_bytes")},
         by_kind={k: {m: (per_rank[0]["by_kind"][k][m] if m == "steps" else
                          _mean(p["by_kind"][k][m] for p in per_rank)) for m in per_rank[0]["by_kind"][k]}
@@ -305,24 +314,24 @@ def render(records: list[dict]) -> str:
     rows, kinds = [], []
     for r in records:
         if r["error"]:
-            rows.append([str(r["world"]), r["case"], "ERROR"] + [""] * 9)
+            rows.append([str(r["world"]), r["case"], "ERROR"] + [""] * 10)
             continue
         m, p = r["mean"], r["predicted"]
         kaisa = r.get("kaisa", {}).get("comm-opt")
-        rows.append([str(r["world"]), r["case"], ms(m["step_seconds"]), ms(m["comm_seconds"]),
+        rows.append([str(r["world"]), r["case"], ms(m["step_seconds"]), ms(m["comm_seconds"]), ms(m["wait_seconds"]),
                      ms(m["compute_seconds"]), f"{100 * m['comm_seconds'] / m['step_seconds']:.0f}%",
                      kb(m["natgrad_bytes"]), kb(p["natgrad_bytes"]), "yes" if r["bytes_match"] else "NO",
                      kb(m["ddp_bytes"]), kb(p["natgrad_wire_bytes"] + p["ddp_wire_bytes"]),
                      kb(kaisa["payload_bytes"]) if kaisa else "-"])
         for k, v in r["by_kind"].items():
             kinds.append([str(r["world"]), r["case"], k, str(v["steps"]), ms(v["step_seconds"]),
-                          ms(v["comm_seconds"]), ms(v["compute_seconds"]), kb(v["natgrad_bytes"]),
+                          ms(v["comm_seconds"]), ms(v["wait_seconds"]), ms(v["compute_seconds"]), kb(v["natgrad_bytes"]),
                           kb(v["ddp_bytes"])])
-    t1 = C.format_table(["R", "case", "ms/step", "comm ms", "compute ms", "comm", "natgrad KB",
+    t1 = C.format_table(["R", "case", "ms/step", "comm ms", "wait ms", "compute ms", "comm", "natgrad KB",
                          "predicted KB", "match", "DDP KB", "wire KB (model)", "KAISA KB"], rows,
-                        "rlrrrrrrlrrr")
-    t2 = C.format_table(["R", "case", "kind", "steps", "ms/step", "comm ms", "compute ms", "natgrad KB",
-                         "DDP KB"], kinds, "rllrrrrrr")
+                        "rlrrrrrrrlrrr")
+    t2 = C.format_table(["R", "case", "kind", "steps", "ms/step", "comm ms", "wait ms", "compute ms",
+                         "natgrad KB", "DDP KB"], kinds, "rllrrrrrrr")
     return t1 + "\n\n" + t2
 
 
@@ -372,7 +381,8 @@ def main(argv=None) -> int:
                         "layers": [{"name": l.name, "d_A": l.d_a, "d_G": l.d_g} for l in layers],
                         "cores": cores, "oversubscribed": {str(w): w > cores for w in args.worlds},
                         "ddp_counting": "comm hook, synchronous all-reduce of each bucket (no overlap)",
-                        "time_split": "compute = step wall time - (natgrad collectives + DDP all-reduce)"},
+                        "time_split": "comm = inside natgrad's collectives + DDP's all-reduce; wait = in a "
+                                      "barrier before each; compute = step wall time - comm - wait"},
            "runs": [], "link": {}}
     t0 = time.perf_counter()
     failed = False
@@ -395,7 +405,9 @@ def main(argv=None) -> int:
     if over:
         print(f"\nnote: {over} processes oversubscribe this machine's {cores} cores (1 thread each): "
               "their times include time-slicing between processes; bytes are exact.")
-    print("KB = 1000 bytes per step per rank; natgrad/DDP KB: payload handed to the collectives; "
+    print("KB = 1000 bytes per step per rank; comm = time inside collectives, wait = in a barrier "
+          "before each (waiting for the slowest rank), compute = the rest of the step;\n"
+          "natgrad/DDP KB: payload handed to the collectives; "
           "wire: bytes sent per rank with ring all-reduce / pipelined broadcast (model); "
           "KAISA: kfac-pytorch defaults (COMM-OPT), same schedule, payload.")
     print(f"wrote {args.out}")

@@ -290,6 +290,47 @@ def plot(path: Path, hw: Hardware, batch: int, worlds, stat_every: int, inverse_
     fig.savefig(path, dpi=110)
 
 
+def fit_link(link: dict, world: int) -> tuple[float, float]:
+    """(latency α, bandwidth β) of the ring model fitted (least squares) to the benchmark's
+    all-reduce timings on ``world`` ranks: t = 2(R−1)α + 2(R−1)/R · n/β."""
+    pts = [(2 * (world - 1) / world * x["bytes"], x["seconds"]) for x in link["allreduce"]]
+    n = len(pts)
+    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return max(my - slope * mx, 0.0) / (2 * (world - 1)), 1.0 / slope
+
+
+def validate(path: Path) -> str:
+    """The MLP cost model against a dist_bench JSON: communication per step (ms) predicted
+    from the fitted α, β and the byte counts, next to the measured one; computation at R > 1
+    predicted from R = 1 with the flop rate fitted there (same rate for every part)."""
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    layers = mlp_layers()
+    lines = ["| R | case | α µs | β MB/s | comm model ms | comm measured ms | compute model ms "
+             "| compute measured ms |", "|" + "---|" * 8]
+    one = {r["case"]: r for r in doc["runs"] if r["world"] == 1 and not r["error"]}
+    batch = doc["settings"]["global_batch"]
+    for r in doc["runs"]:
+        if r["error"] or r["world"] == 1 or r["method"] == "sgd" or str(r["world"]) not in doc["link"]:
+            continue
+        world, sharding = r["world"], r["sharding"]
+        alpha, beta = fit_link(doc["link"][str(world)], world)
+        hw = Hardware(flops=1.0, inverse_flops=1.0, bandwidth=beta, latency=alpha)
+        m = model_step(layers, world, batch, r["stat_every"], r["inverse_every"], sharding, hw)
+        comm = sum(v for k, v in m.items() if k not in COMPUTE)
+        base = one.get(r["case"])
+        comp = "-"
+        if base:
+            m1 = model_step(layers, 1, batch, r["stat_every"], r["inverse_every"], sharding, hw)
+            rate = sum(m1[k] for k in COMPUTE) / base["mean"]["compute_seconds"]
+            comp = f"{1e3 * sum(m[k] for k in COMPUTE) / rate:.1f}"
+        lines.append(f"| {world} | {r['case']} | {1e6 * alpha:.0f} | {beta / 1e6:.0f} | {1e3 * comm:.1f} "
+                     f"| {1e3 * r['mean']['comm_seconds']:.1f} | {comp} | {1e3 * r['mean']['compute_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--png", type=Path, default=None, help="write the figure here")
@@ -300,7 +341,12 @@ def main(argv=None) -> int:
     p.add_argument("--inverse-flops", type=float, default=Hardware.inverse_flops)
     p.add_argument("--bandwidth", type=float, default=Hardware.bandwidth, help="bytes/s per rank")
     p.add_argument("--latency", type=float, default=Hardware.latency, help="seconds per message step")
+    p.add_argument("--validate", type=Path, default=None, metavar="JSON",
+                   help="instead: the MLP model against a dist_bench.py result")
     args = p.parse_args(argv)
+    if args.validate:
+        print(validate(args.validate))
+        return 0
     hw = Hardware(args.flops, args.inverse_flops, args.bandwidth, args.latency)
     worlds = [1, 2, 4, 8, 16, 32, 64]
     print(tables(hw, args.batch, worlds, args.stat_every, args.inverse_every))

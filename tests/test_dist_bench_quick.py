@@ -117,9 +117,10 @@ def test_times_add_up(quick_run):
     for r in doc["runs"]:
         for rank in r["per_rank"]:
             assert rank["step_seconds"] > 0 and rank["comm_seconds"] >= 0
-            assert math.isclose(rank["compute_seconds"] + rank["comm_seconds"], rank["step_seconds"], rel_tol=1e-9)
+            total = rank["compute_seconds"] + rank["comm_seconds"] + rank["wait_seconds"]
+            assert math.isclose(total, rank["step_seconds"], rel_tol=1e-9)
             if r["world"] == 1:
-                assert rank["comm_seconds"] == 0
+                assert rank["comm_seconds"] == 0 and rank["wait_seconds"] == 0
     assert set(doc["link"]) == {"2"}
     assert all(x["seconds"] > 0 for op in doc["link"]["2"].values() for x in op)
     assert "KAISA KB" in stdout and "kfac-inverses-stat10" in stdout
