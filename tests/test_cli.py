@@ -81,6 +81,8 @@ def test_report_mnist(tmp_path, capsys):
     (["report", "--json", "a.json", "--out", "d"], "not allowed with"),
     (["report", "--json", "a.json", "--no-json"], "not allowed with"),
     (["frobnicate"], "invalid choice"),
+    (["train", "--nproc", "0"], "--nproc"),
+    (["train", "--timeout", "0"], "--timeout"),
 ])
 def test_usage_errors_exit_2(argv, match, capsys):
     with pytest.raises(SystemExit) as info:
@@ -96,6 +98,7 @@ def test_usage_errors_exit_2(argv, match, capsys):
     (["report", "--steps", "0", "--examples", "5000"], "examples=5000"),
     (["report", "--steps", "0", "--hidden", "400"], "trainable parameters"),
     (["report", "--samples", "4"], "only applies to estimator='mc'"),
+    (["train", "--task", "cifar", "--nproc", "2"], "unknown task 'cifar'"),
 ])
 def test_natgrad_errors_exit_2_without_traceback(argv, match, capsys):
     code, out, err = run(argv, capsys)

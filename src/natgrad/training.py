@@ -8,10 +8,16 @@
   steps, step 0 and the last step) also ``full_train_loss`` (mean loss over the whole training
   split), ``test_loss``, ``test_accuracy`` (``null`` for the autoencoder, which reports
   ``test_reconstruction_error`` instead). Step 0 is the evaluation before training.
-* ``out/checkpoint.pt`` — model, optimizer, torch RNG state, data-order RNG and position, step,
-  training time; written atomically (temporary file + ``os.replace``) every
-  ``checkpoint_every`` steps and at the end. ``resume=True`` continues from it bit-for-bit.
+* ``out/checkpoint.pt`` — model, optimizer, torch RNG state (every rank's when distributed),
+  data-order RNG and position, step, training time; written atomically (temporary file +
+  ``os.replace``) every ``checkpoint_every`` steps and at the end. ``resume=True`` continues
+  from it bit-for-bit.
 * ``out/summary.json`` — the returned summary.
+
+Distributed (torch.distributed initialised with several processes, e.g. under ``torchrun`` or
+``natgrad train --nproc N``): DistributedDataParallel, ``batch_size`` the global batch split
+over the ranks, rank 0 writing every file; see :mod:`natgrad.training_dist` and
+docs/distributed.md.
 
 The target loss is reached at the first evaluation whose full training loss is ≤ the task's
 target, so ``steps_to_target`` has the resolution of ``eval_every``.
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 
 from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer, register_optimizer
 from .tasks import Data, Task, get_task
+from .training_dist import current
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
            "evaluate", "write_json", "checkpoint_config"]
@@ -193,18 +200,22 @@ def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None,
 
 class _Trainer:
     def __init__(self, task, spec, data, config, out, checkpoint, checkpoint_every, progress):
+        self.ranks = current()  # SINGLE (one process) or the ranks of torch.distributed's default group
         self.task, self.spec, self.data, self.config, self.out = task, spec, data, config, out
-        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.checkpoint_every, self.progress = checkpoint_every, progress and self.ranks.leader
         self.n = data.x_train.shape[0]
         self.batch_size = min(config["batch_size"], self.n)
+        self.ranks.check_batch(self.batch_size, self.n)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         torch.manual_seed(config["seed"])
         self.model = task.make_model()
+        self.ranks.check_same(config, self.model)
         self.opt = spec.make(self.model, task, config["lr"], config["damping"], data.x_train)
         group = self.opt.param_groups[0]
         config["lr"], config["damping"] = float(group["lr"]), (float(group["damping"]) if spec.curvature else None)
         if out is not None:  # only now: bad input must leave nothing behind
-            prepare_out(out)
+            self.ranks.leader_does(prepare_out, out)
+        self.ranks.seed(config["seed"])
         self.generator = torch.Generator().manual_seed(config["seed"])
         self.perm, self.pos, self.step, self.elapsed = None, 0, 0, 0.0
         self.reached: dict = {"steps_to_target": None, "time_to_target_s": None}
@@ -212,33 +223,37 @@ class _Trainer:
         self.records: list[dict] = []
         if checkpoint is not None:
             self._load(checkpoint)
-        elif out is not None:
+        elif out is not None and self.ranks.leader:
             for name in (CHECKPOINT, SUMMARY, METRICS):
                 (out / name).unlink(missing_ok=True)
+        self.net = self.ranks.wrap(self.model)  # DistributedDataParallel, or the model itself
 
     # ------------------------------------------------------------ state
     def _load(self, ck: dict) -> None:
         if ck.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint in {str(self.out)!r} has an unknown format version {ck.get('version')!r}")
+        self.ranks.restore_rng(ck, self.out)  # this rank's; ValueError if the number of processes differs
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
         self.generator.set_state(ck["data_rng"])
         self.perm, self.pos, self.step, self.elapsed = ck["perm"], ck["pos"], ck["step"], ck["elapsed"]
         self.reached, self.last_eval = dict(ck["reached"]), dict(ck["last_eval"])
         path = self.out / METRICS
-        if path.is_file():  # drop lines written after the checkpoint
+        if path.is_file() and self.ranks.leader:  # drop lines written after the checkpoint
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line)["step"] <= self.step]
             self.records = [json.loads(line) for line in kept]
             _atomic_write(path, "".join(line + "\n" for line in kept).encode())
 
     def _save(self) -> None:
+        rngs = self.ranks.rng_states()  # torch_rng, world_size (and every rank's: rank_rngs), on rank 0
+        if not self.ranks.leader:
+            return
         state = {
             "version": CHECKPOINT_VERSION, "config": self.config, "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
-            "data_rng": self.generator.get_state(), "perm": self.perm, "pos": self.pos, "step": self.step,
-            "elapsed": self.elapsed, "reached": self.reached, "last_eval": self.last_eval,
+            "optimizer": self.opt.state_dict(), **rngs, "data_rng": self.generator.get_state(), "perm": self.perm,
+            "pos": self.pos, "step": self.step, "elapsed": self.elapsed, "reached": self.reached,
+            "last_eval": self.last_eval,
         }
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -246,6 +261,8 @@ class _Trainer:
 
     # ------------------------------------------------------------ loop
     def _evaluate(self, record: dict) -> None:
+        if not self.ranks.leader:  # evaluation runs on rank 0 only
+            return
         result = evaluate(self.task, self.model, self.data)
         record.update(result)
         self.last_eval = dict(result, step=self.step)
@@ -254,6 +271,8 @@ class _Trainer:
             self.reached = {"steps_to_target": self.step, "time_to_target_s": self.elapsed}
 
     def _write(self, record: dict) -> None:
+        if not self.ranks.leader:
+            return
         self.records.append(record)
         if self.out is not None:
             with open(self.out / METRICS, "a") as f:
@@ -269,11 +288,12 @@ class _Trainer:
         return self.data.x_train[idx], self.data.y_train[idx]
 
     def _one_step(self) -> float:
-        x, y = self._batch()
+        x, y = self.ranks.local(*self._batch())  # this rank's slice of the global batch
+        self.ranks.test_hook(self.step + 1)
         self.opt.zero_grad(set_to_none=True)
-        output = self.model(x)
+        output = self.net(x)
         loss = self.task.loss(output, y)
-        value = float(loss.detach())
+        value = self.ranks.mean_loss(float(loss.detach()))  # the global batch's, on every rank
         if not math.isfinite(value):
             return value
         if self.spec.curvature:
@@ -322,6 +342,8 @@ class _Trainer:
                 start = time.perf_counter()
                 value = self._one_step()
                 self.elapsed += time.perf_counter() - start
+                if time_budget is not None:  # every rank stops at the same step: rank 0's clock
+                    self.elapsed = self.ranks.leader_value(self.elapsed)
                 self.step += 1
                 diverged = not math.isfinite(value)
                 record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
@@ -344,8 +366,8 @@ class _Trainer:
             self._evaluate({})
         if self.out is not None and not diverged:
             self._save()
-        summary = self._summary(stopped, diverged)
-        if self.out is not None:
+        summary = self.ranks.share(self._summary(stopped, diverged))  # rank 0's, with its evaluation
+        if self.out is not None and self.ranks.leader:
             write_json(self.out / SUMMARY, summary)
         return Run(summary, self.records)
 

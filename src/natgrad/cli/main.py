@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -216,6 +217,12 @@ def _add_train(subparsers) -> None:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help=f"output directory (default {DEFAULT_OUT}/train-TASK-OPTIMIZER)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train on N local processes (torch.distributed, gloo; --batch-size is the global batch, "
+                        "divisible by N); for several machines use torchrun, see docs/distributed.md")
+    p.add_argument("--timeout", type=positive_float, default=300.0, metavar="S",
+                   help="distributed runs: seconds a collective may wait for the other processes before every "
+                        "process stops with an error (default 300)")
     _add_mnist_dir(p)
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -245,21 +252,67 @@ def format_train_summary(summary: dict) -> str:
 
 
 def _run_train(args) -> int:
-    from ..tasks import DEFAULT_TASK
+    from ..tasks import DEFAULT_TASK, get_task
     from ..training import checkpoint_config, train
+    from ..training_dist import WORKER_ENV, check_batch, launch
 
     task, optimizer = args.task or DEFAULT_TASK, args.optimizer or "kfac"
     out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"train-{task}-{optimizer}"
+    config = (checkpoint_config(out) or {}) if args.resume else {}
     if args.resume and (args.task is None or args.optimizer is None):
-        config = checkpoint_config(out) or {}
         task, optimizer = args.task or config.get("task", task), args.optimizer or config.get("optimizer", optimizer)
-    summary = train(task, optimizer, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-                    lr=args.lr, damping=args.damping, seed=args.seed, out=out, resume=args.resume,
-                    time_budget=args.budget, progress=_progress_enabled(args), eval_every=args.eval_every,
-                    checkpoint_every=args.checkpoint_every, mnist_dir=args.mnist_dir)
+    worker = os.environ.get(WORKER_ENV) == "1"
+    if args.nproc is not None and not worker:
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError("--nproc launches its own processes; under torchrun leave it out")
+        check_batch(args.batch_size or config.get("batch_size") or get_task(task).batch_size, args.nproc)
+        code, message = launch(args.argv, args.nproc, args.timeout)
+        if message is not None:
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+        return code
+    if "WORLD_SIZE" not in os.environ:
+        summary = train(task, optimizer, **_train_options(args, out))
+    else:  # one rank under torchrun
+        summary, code = _train_rank(args, task, optimizer, out, worker)
+        if summary is None or os.environ.get("RANK", "0") != "0":
+            return code
     print(format_train_summary(summary))
     print(f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}, {out / 'summary.json'}")
     return 0
+
+
+def _train_options(args, out) -> dict:
+    return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, damping=args.damping,
+                seed=args.seed, out=out, resume=args.resume, time_budget=args.budget,
+                progress=_progress_enabled(args), eval_every=args.eval_every,
+                checkpoint_every=args.checkpoint_every, mnist_dir=args.mnist_dir)
+
+
+def _train_rank(args, task, optimizer, out, worker):
+    """One rank of a distributed run (under torchrun or --nproc): ``(summary, 0)``, or ``(None,
+    exit code)`` after an error, reported in one line per rank (under --nproc only through
+    torchelastic's error file to the launcher, which prints the first failure)."""
+    import time
+    import traceback
+
+    from ..training import train
+    from ..training_dist import process_group_from_env, record_error
+
+    failed_at = None
+    try:
+        with process_group_from_env(args.timeout):
+            try:
+                return train(task, optimizer, **_train_options(args, out)), 0
+            except Exception:
+                failed_at = time.time()  # before leaving the group, which the other ranks notice
+                raise
+    except Exception as exc:
+        record_error(exc, failed_at)
+        if args.traceback:
+            traceback.print_exc()
+        elif not worker:
+            print(f"{PROG}: error: rank {os.environ.get('RANK')}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None, EXIT_USAGE if isinstance(exc, (ValueError, TypeError, NotImplementedError, OSError)) else 1
 
 
 def _add_compare(subparsers) -> None:
@@ -325,6 +378,7 @@ def main(argv=None) -> int:
     """Run the ``natgrad`` command; returns the exit code (argparse exits 2 on bad usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # natgrad train --nproc hands them on
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
