@@ -225,6 +225,16 @@ def worker(rank: int, world: int, directory: str, cfg: dict) -> None:
     torch.save(result, os.path.join(directory, f"result-{rank}.pt"))
 
 
+def cpu_seconds() -> tuple[float | None, float]:
+    """(machine busy CPU seconds from /proc/stat, CPU seconds of this process and its reaped
+    children): their difference over a run is what other processes used."""
+    import resource
+
+    own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return C._proc_stat_busy_seconds(), own
+
+
 def run_world(world: int, cfg: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as directory:
         ctx = mp.start_processes(worker, args=(world, directory, cfg), nprocs=world, join=False,
@@ -383,13 +393,18 @@ def main(argv=None) -> int:
                         "ddp_counting": "comm hook, synchronous all-reduce of each bucket (no overlap)",
                         "time_split": "comm = inside natgrad's collectives + DDP's all-reduce; wait = in a "
                                       "barrier before each; compute = step wall time - comm - wait"},
-           "runs": [], "link": {}}
+           "runs": [], "link": {}, "foreign_cpu": {}}
     t0 = time.perf_counter()
     failed = False
     for world in args.worlds:
         note = f" ({world} processes on {cores} cores: oversubscribed)" if world > cores else ""
         print(f"[dist_bench] {world} process(es){note} ...", file=sys.stderr, flush=True)
+        busy0, own0, t_world = *cpu_seconds(), time.perf_counter()
         ranks = run_world(world, cfg)
+        busy1, own1 = cpu_seconds()
+        foreign = None if busy0 is None or busy1 is None else max(
+            0.0, ((busy1 - busy0) - (own1 - own0)) / ((time.perf_counter() - t_world) * cores))
+        doc["foreign_cpu"][str(world)] = foreign
         for name in args.cases:
             rec = case_record(world, name, ranks, cfg)
             failed |= rec["error"] is not None or not rec.get("bytes_match", True)
@@ -401,6 +416,8 @@ def main(argv=None) -> int:
     doc["wall_seconds"] = time.perf_counter() - t0
     C.write_json_atomic(args.out, doc)
     print(render(doc["runs"]))
+    print("\nCPU used by other processes during each process count's run (fraction of the machine): "
+          + ", ".join(f"R={w}: " + ("?" if v is None else f"{100 * v:.0f}%") for w, v in doc["foreign_cpu"].items()))
     over = [w for w in args.worlds if w > cores]
     if over:
         print(f"\nnote: {over} processes oversubscribe this machine's {cores} cores (1 thread each): "

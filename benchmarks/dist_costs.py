@@ -225,7 +225,8 @@ def model_step(layers, world: int, batch: int, stat_every: int, inverse_every: i
     tri_bytes = F32 * sum(tri(l.d_a) + tri(l.d_g) for l in layers)
     out = {
         "forward+backward": 2 * 3 * local * sum(l.macs for l in layers) / hw.flops,
-        "statistics": 2 * local * sum(l.positions * (l.d_a ** 2 + l.d_g ** 2) for l in layers)
+        # the Monte-Carlo Fisher backprop (≈ one forward's MACs) and the factor sums
+        "statistics": 2 * local * sum(l.macs + l.positions * (l.d_a ** 2 + l.d_g ** 2) for l in layers)
         / hw.flops / stat_every,
         "inverses": (max(load) if sharding != "replicated" else sum(cost)) / hw.inverse_flops / inverse_every,
         "preconditioning": precond_flops / hw.flops,
@@ -260,34 +261,51 @@ def tables(hw: Hardware, batch: int, worlds, stat_every: int, inverse_every: int
             lines.append(f"| {r} | " + " | ".join(cells) + f" | {1e3 * comp:.1f} | {1e3 * comm:.1f} "
                          f"| {comm / comp:.2f} |")
         lines.append("")
+    lines += ["Bytes per step per rank (wire model, MB, averaged over a period; DDP's "
+              f"{F32 * (sum(l.params for l in layers) + RESNET50_BN_PARAMS) / 1e6:.0f} MB payload not included)", "",
+              "| R | natgrad inverses | natgrad gradients | KAISA COMM-OPT | KAISA HYBRID-OPT 0.5 | KAISA MEM-OPT |",
+              "|" + "---|" * 6]
+    steps = range(10 * inverse_every, 20 * inverse_every)
+    for r in worlds[1:]:
+        cells = []
+        for sharding in ("inverses", "gradients"):
+            tot = natgrad_payload(layers, "kfac", sharding, stat_every, inverse_every, steps, r)
+            cells.append(sum(wire(k, v, r) for k, v in tot.items()) / len(steps))
+        for f in (1.0, 0.5, 1.0 / r):
+            tot = kaisa_payload(layers, r, f, stat_every, inverse_every, steps)
+            cells.append(sum(w for _, w in tot.values()) / len(steps) if r * f >= 1 else float("nan"))
+        lines.append(f"| {r} | " + " | ".join(f"{c / 1e6:.0f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
-def plot(path: Path, hw: Hardware, batch: int, worlds, stat_every: int, inverse_every: int) -> None:
+def plot(path: Path, hw: Hardware, batch: int, worlds) -> None:
+    """Compute and communication per step against R, for two schedules (one panel each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = resnet50_layers()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for sharding, style in (("inverses", "-"), ("gradients", "--"), ("replicated", ":")):
-        ms = [model_step(layers, r, batch, stat_every, inverse_every, sharding, hw, RESNET50_BN_PARAMS)
-              for r in worlds]
-        ax.plot(worlds, [1e3 * sum(m[k] for k in COMPUTE) for m in ms], "C0" + style,
-                label=f"compute ({sharding})")
-        ax.plot(worlds, [1e3 * sum(v for k, v in m.items() if k not in COMPUTE) for m in ms],
-                "C3" + style, label=f"communication ({sharding})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("ranks R")
-    ax.set_ylabel("ms per step per rank (model)")
-    ax.set_title(f"K-FAC on ResNet-50, global batch {batch}: cost model", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
+    for ax, (stat_every, inverse_every) in zip(axes, [(1, 10), (10, 100)]):
+        for sharding, style in (("inverses", "-"), ("gradients", "--"), ("replicated", ":")):
+            ms = [model_step(layers, r, batch, stat_every, inverse_every, sharding, hw, RESNET50_BN_PARAMS)
+                  for r in worlds]
+            ax.plot(worlds, [1e3 * sum(m[k] for k in COMPUTE) for m in ms], "C0" + style,
+                    label=f"compute ({sharding})")
+            ax.plot(worlds[1:], [1e3 * sum(v for k, v in m.items() if k not in COMPUTE) for m in ms[1:]],
+                    "C3" + style, label=f"communication ({sharding})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks R")
+        ax.set_title(f"stat_every={stat_every}, inverse_every={inverse_every}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms per step per rank (model)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"K-FAC on ResNet-50, global batch {batch} (cost model, docs/distributed-costs.md)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def fit_link(link: dict, world: int) -> tuple[float, float]:
@@ -351,7 +369,7 @@ def main(argv=None) -> int:
     worlds = [1, 2, 4, 8, 16, 32, 64]
     print(tables(hw, args.batch, worlds, args.stat_every, args.inverse_every))
     if args.png:
-        plot(args.png, hw, args.batch, worlds, args.stat_every, args.inverse_every)
+        plot(args.png, hw, args.batch, worlds)
         print(f"wrote {args.png}")
     return 0
 
