@@ -38,7 +38,7 @@ import _common as C  # noqa: E402
 C.use_repo_sources()
 
 F32 = 4
-BROADCAST_LABELS = {"inverses"}  # natgrad's Communicator labels that are broadcasts
+BROADCAST_LABELS = {"inverses", "preconditioned gradients"}  # natgrad's broadcast labels
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,8 @@ def model_step(layers, world: int, batch: int, stat_every: int, inverse_every: i
         "factor all-reduce": hw.allreduce(tri_bytes, world) / stat_every,
         "inverse broadcast": (hw.broadcast(tri_bytes, world) / inverse_every
                               if sharding == "inverses" else 0.0),
-        "gradient all-reduce": (hw.allreduce(F32 * sum(l.params for l in layers), world)
-                                if sharding == "gradients" else 0.0),
+        "gradient broadcast": (hw.broadcast(F32 * sum(l.params for l in layers), world)
+                               if sharding == "gradients" else 0.0),
     }
     return out
 
@@ -251,7 +251,7 @@ def tables(hw: Hardware, batch: int, worlds, stat_every: int, inverse_every: int
              f"inverse_every={inverse_every}; {hw}", ""]
     for sharding in ("inverses", "gradients", "replicated"):
         lines += [f"sharding={sharding!r} (ms per step per rank)", "",
-                  "| R | fwd+bwd | stats | inverses | precond | DDP | factors | inv bcast | grad AR "
+                  "| R | fwd+bwd | stats | inverses | precond | DDP | factors | inv bcast | grad bcast "
                   "| compute | comm | comm/compute |", "|" + "---|" * 12]
         for r in worlds:
             m = model_step(layers, r, batch, stat_every, inverse_every, sharding, hw, RESNET50_BN_PARAMS)

@@ -12,8 +12,8 @@ steps only, in bucketed calls with the symmetric factors as upper triangles. Eac
 inverses (or eigendecompositions) are computed on one rank, chosen by cost (d_A³ + d_G³, greedy
 balance), and then either broadcast to all ranks (``sharding="inverses"``, every rank
 preconditions every layer) or kept there (``sharding="gradients"``: each rank preconditions its
-own layers and the preconditioned gradients are summed over the ranks — less memory, one
-all-reduce of the layer gradients per step). ``"replicated"`` computes everything everywhere.
+own layers and broadcasts their preconditioned gradients every step — less memory and inverse
+traffic, more per-step traffic). ``"replicated"`` computes everything everywhere.
 """
 
 from __future__ import annotations
@@ -257,14 +257,9 @@ class KFAC(CurvatureOptimizer):
             else:
                 pieces.append(other_direction(self.other, grad, self._layer_state(i), self.damping_of(i)))
         direction = torch.cat(pieces)
-        if split:  # each layer's piece is nonzero on its owner only: the sum is the direction
-            layers = torch.cat([direction[self.blocks[i].slice] for i in self.adapters])
-            (layers,) = self.comm.all_reduce([layers], what="preconditioned gradients")
-            offset = 0
-            for i in self.adapters:
-                size = self.blocks[i].size
-                direction[self.blocks[i].slice] = layers[offset : offset + size]
-                offset += size
+        if split:  # each layer's piece from its owner: one bucketed broadcast per rank
+            views = {i: [direction[self.blocks[i].slice]] for i in self.adapters}
+            self.comm.broadcast_owned(views, self._layer_owners(), {i: [False] for i in views}, "preconditioned gradients")
         return direction
 
     def _extra_state(self) -> dict:
