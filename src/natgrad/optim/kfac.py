@@ -171,14 +171,18 @@ class KFAC(CurvatureOptimizer):
     def _share(self, keys: list[str], symmetric: list[bool]) -> None:
         """Broadcast ``state[key]`` of every layer from its owner (``sharding="inverses"``);
         non-owners receive into buffers shaped like the owner's. Keys may hold tensors or
-        tuples of tensors (eigendecompositions). Owners first make theirs contiguous: a
-        received buffer is, and a product with a transposed-stride operand may round
-        differently, which would let the ranks' parameters drift apart."""
+        tuples of tensors (eigendecompositions). Owners first make theirs exactly what the
+        others receive — contiguous (a product with a transposed-stride operand may round
+        differently) and, for symmetric matrices sent as upper triangles, mirrored from the
+        upper triangle — so the ranks' parameters cannot drift apart."""
         for i in self._owned():
             state = self._layer_state(i)
-            for key in keys:
+            for key, flag in zip(keys, symmetric):
                 value = state[key]
-                state[key] = tuple(t.contiguous() for t in value) if isinstance(value, tuple) else value.contiguous()
+                if isinstance(value, tuple):
+                    state[key] = tuple(t.contiguous() for t in value)
+                else:
+                    state[key] = (value.triu() + value.triu(1).mT).contiguous() if flag else value.contiguous()
         if self.comm is None or self.sharding != "inverses":
             return
         tensors, flags = {}, {}
