@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -6,11 +7,8 @@ import torch
 
 # Let the suite run from a plain checkout (src layout) even when natgrad is not installed.
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-try:
-    import natgrad  # noqa: F401
-except ImportError:
-    if _SRC not in sys.path:
-        sys.path.insert(0, _SRC)
+if importlib.util.find_spec("natgrad") is None and _SRC not in sys.path:
+    sys.path.insert(0, _SRC)
 
 @pytest.fixture(autouse=True)
 def _single_thread():

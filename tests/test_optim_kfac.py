@@ -24,7 +24,7 @@ import torch
 import helpers as H
 import reference as ref
 from test_optim_helpers import (
-    DT, data, eigen_direction, factored_direction, flat_params, grad_of, layer_slices, mlp, nll,
+    data, eigen_direction, factored_direction, flat_params, grad_of, layer_slices, mlp, nll,
     opt_factors, optim, step_change, train_step,
 )
 

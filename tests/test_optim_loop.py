@@ -19,7 +19,7 @@ from torch import nn
 import helpers as H
 import reference as ref
 from test_optim_helpers import (
-    DT, assert_same, data, flat_params, grad_of, layer_slices, loss_of, mlp, nll, optim,
+    DT, assert_same, data, flat_params, grad_of, loss_of, mlp, nll, optim,
     roundtrip, step_change, train_step,
 )
 
