@@ -247,11 +247,12 @@ class _Trainer:
 
     def _save(self) -> None:
         rngs = self.ranks.rng_states()  # torch_rng, world_size (and every rank's: rank_rngs), on rank 0
+        optimizer = self.opt.state_dict()  # on every rank: a sharded optimizer gathers its state
         if not self.ranks.leader:
             return
         state = {
             "version": CHECKPOINT_VERSION, "config": self.config, "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), **rngs, "data_rng": self.generator.get_state(), "perm": self.perm,
+            "optimizer": optimizer, **rngs, "data_rng": self.generator.get_state(), "perm": self.perm,
             "pos": self.pos, "step": self.step, "elapsed": self.elapsed, "reached": self.reached,
             "last_eval": self.last_eval,
         }

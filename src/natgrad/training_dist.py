@@ -259,6 +259,12 @@ def process_group_from_env(timeout: float = DEFAULT_TIMEOUT):
     if missing:
         raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun "
                          "(or natgrad train --nproc N)")
+    # torch._dynamo (imported by any torch optimizer anyway) keeps references to a process group
+    # that exists when it is imported, so that destroy_process_group would not free the group:
+    # its gloo threads would outlive the interpreter and abort the process at exit ("terminate
+    # called without an active exception", pytorch/pytorch#190489). Imported first, it does not.
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     try:
         yield dist.get_rank()
