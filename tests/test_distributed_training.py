@@ -177,7 +177,7 @@ def _on_two_ranks(rank, world, tmp, data):
     return results
 
 
-def test_two_ranks_api_equivalence_resume_and_errors(tmp_path, digits, exact_optimizers):
+def test_two_ranks_api_equivalence_resume_and_errors(tmp_path, digits, exact_optimizers, capsys):
     results = run_ranks(2, _on_two_ranks, str(tmp_path), digits)
     for optimizer in EQUIVALENT:
         assert results[0][optimizer] == results[1][optimizer]  # every rank returns rank 0's summary
@@ -201,9 +201,12 @@ def test_two_ranks_api_equivalence_resume_and_errors(tmp_path, digits, exact_opt
                                           "divisible by the number of processes (2): use e.g. --batch-size 126")
         assert results[rank]["out"].startswith("ValueError: output path") and "not a directory" in results[rank]["out"]
 
-    with pytest.raises(ValueError, match=r"written by a run on 2 process\(es\); resume it on 2 \(not 1\)"):
+    with pytest.raises(ValueError, match=r"written by a run on 2 process\(es\); resume it on 2 \(natgrad train "
+                       r"--nproc 2\), not 1"):
         train("digits-mlp", "adam", steps=STEPS + 2, out=tmp_path / "full-adam", resume=True, progress=False,
               data=digits)
+    code = cli.main(["train", "--nproc", "4", "--steps", "20", "--resume", "--out", str(tmp_path / "full-adam")])
+    assert code == 2 and "written by a run on 2 process(es)" in capsys.readouterr().err  # before launching
 
 
 def _on_three_ranks(rank, world, tmp, data):

@@ -122,11 +122,13 @@ def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dic
 
 
 def checkpoint_config(out) -> dict | None:
-    """The configuration (task, optimizer, lr, ...) of the run checkpointed in ``out``, if any."""
+    """The configuration (task, optimizer, lr, ..., and the number of processes ``world_size``)
+    of the run checkpointed in ``out``, if any."""
     path = Path(out).expanduser() / CHECKPOINT
     if not path.is_file():
         return None
-    return dict(torch.load(path, map_location="cpu", weights_only=True)["config"])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(checkpoint["config"], world_size=checkpoint.get("world_size", 1))
 
 
 # --------------------------------------------------------------------------- the run
@@ -210,7 +212,7 @@ class _Trainer:
         torch.manual_seed(config["seed"])
         self.model = task.make_model()
         self.ranks.check_same(config, self.model)
-        self.opt = spec.make(self.model, task, config["lr"], config["damping"], data.x_train)
+        self.opt = spec.make(self.model, task, config["lr"], config["damping"], self.ranks.shard(data.x_train))
         group = self.opt.param_groups[0]
         config["lr"], config["damping"] = float(group["lr"]), (float(group["damping"]) if spec.curvature else None)
         if out is not None:  # only now: bad input must leave nothing behind

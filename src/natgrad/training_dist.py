@@ -150,12 +150,15 @@ class Ranks:
         """Restore this rank's torch RNG state; ValueError if the checkpoint's world size differs."""
         world = checkpoint.get("world_size", 1)
         if world != self.world:
-            raise ValueError(f"the checkpoint in {str(where)!r} was written by a run on {world} process(es); resume it "
-                             f"on {world} (not {self.world}): its RNG streams and batch slices belong to that number "
-                             "of processes")
+            raise ValueError(resume_world_error(where, world, self.world))
         torch.set_rng_state(checkpoint["rank_rngs"][self.rank] if world > 1 else checkpoint["torch_rng"])
 
     # ------------------------------------------------------------ steps
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of the rows of ``x`` (the training inputs an optimizer
+        draws statistics from, e.g. PRONG, which reparametrizes on the union of the ranks' draws)."""
+        return x if self.comm is None else torch.tensor_split(x, self.world)[self.rank]
+
     def test_hook(self, step: int) -> None:
         """``NATGRAD_TEST_FAIL=RANK:STEP[:hang]`` (tests only): that rank raises a RuntimeError
         before training step STEP, or with ``:hang`` sleeps instead (a hung rank)."""
@@ -228,6 +231,12 @@ def current() -> Ranks:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return Ranks(dist.group.WORLD)
     return SINGLE
+
+
+def resume_world_error(where, saved: int, world: int) -> str:
+    return (f"the checkpoint in {str(where)!r} was written by a run on {saved} process(es); resume it on {saved} "
+            f"(natgrad train --nproc {saved}), not {world}: its RNG streams and batch slices belong to that number "
+            "of processes")
 
 
 def check_batch(batch_size: int, world: int, n: int | None = None) -> None:

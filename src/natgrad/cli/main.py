@@ -254,7 +254,7 @@ def format_train_summary(summary: dict) -> str:
 def _run_train(args) -> int:
     from ..tasks import DEFAULT_TASK, get_task
     from ..training import checkpoint_config, train
-    from ..training_dist import WORKER_ENV, check_batch, launch
+    from ..training_dist import WORKER_ENV, check_batch, launch, resume_world_error
 
     task, optimizer = args.task or DEFAULT_TASK, args.optimizer or "kfac"
     out = args.out if args.out is not None else Path(DEFAULT_OUT) / f"train-{task}-{optimizer}"
@@ -266,6 +266,8 @@ def _run_train(args) -> int:
         if "WORLD_SIZE" in os.environ:
             raise ValueError("--nproc launches its own processes; under torchrun leave it out")
         check_batch(args.batch_size or config.get("batch_size") or get_task(task).batch_size, args.nproc)
+        if config and config["world_size"] != args.nproc:
+            raise ValueError(resume_world_error(out, config["world_size"], args.nproc))
         code, message = launch(args.argv, args.nproc, args.timeout)
         if message is not None:
             print(f"{PROG}: error: {message}", file=sys.stderr)
