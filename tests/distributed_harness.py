@@ -22,6 +22,10 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world: int, directory: str, timeout: float, fn, args) -> None:
     torch.set_num_threads(1)
     path = os.path.join(directory, f"result-{rank}.pt")
+    # imported after the group exists (as DDP and torch optimizers do), torch._dynamo keeps it
+    # alive past destroy_process_group and its gloo threads can abort the process at exit
+    # (pytorch/pytorch#190489); imported first, it does not
+    import torch._dynamo  # noqa: F401
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world,
