@@ -170,6 +170,7 @@ def _on_two_ranks(rank, world, tmp, data):
               checkpoint_every=3, seed=3)
         results[f"resumed-{optimizer}"] = train("digits-mlp", optimizer, steps=steps, out=part, resume=True,
                                                 progress=False, data=data)
+    results["budget"] = train("digits-mlp", "adam", time_budget=0.3, progress=False, data=data)  # rank 0's clock
     results["seed"] = _guarded(train, "digits-mlp", "sgd", steps=2, progress=False, data=data, seed=rank)
     results["batch"] = _guarded(train, "digits-mlp", "sgd", steps=2, progress=False, data=data, batch_size=127)
     (tmp / "file").write_text("")
@@ -195,6 +196,7 @@ def test_two_ranks_api_equivalence_resume_and_errors(tmp_path, digits, exact_opt
             assert torch.equal(value, _params(part)[key]), (optimizer, key)
         assert results[0][f"resumed-{optimizer}"]["final_train_loss"] == a[-1]["full_train_loss"], optimizer
 
+    assert results[0]["budget"]["stopped_by"] == "time_budget" and results[0]["budget"]["steps"] > 1
     for rank in (0, 1):
         assert "differ from rank 0" in results[rank]["seed"] and results[rank]["seed"].startswith("ValueError")
         assert results[rank]["batch"] == ("ValueError: the batch size (127) is the global batch and must be "

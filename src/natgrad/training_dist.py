@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -48,8 +49,8 @@ from torch import nn
 
 from .distributed import Communicator, DistributedError, model_fingerprint
 
-__all__ = ["Ranks", "SINGLE", "current", "check_batch", "process_group_from_env", "launch", "DEFAULT_TIMEOUT",
-           "FAIL_ENV", "WORKER_ENV"]
+__all__ = ["Ranks", "SINGLE", "current", "check_batch", "resume_world_error", "process_group_from_env",
+           "record_error", "launch", "DEFAULT_TIMEOUT", "FAIL_ENV", "WORKER_ENV"]
 
 DEFAULT_TIMEOUT = 300.0
 # Test hook, read by natgrad.training: "RANK:STEP" makes that rank raise a RuntimeError just
@@ -58,7 +59,7 @@ DEFAULT_TIMEOUT = 300.0
 FAIL_ENV = "NATGRAD_TEST_FAIL"
 # Set by ``launch`` for its workers: they report errors through the error file only.
 WORKER_ENV = "NATGRAD_LAUNCHED_WORKER"
-# Non-finite numbers are JSON null in the error file; the rest of torchelastic's format.
+# Where torchrun's agent expects a worker's error (read back by ``launch`` and by torchrun).
 _ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 
 
@@ -272,8 +273,7 @@ def process_group_from_env(timeout: float = DEFAULT_TIMEOUT):
     # that exists when it is imported, so that destroy_process_group would not free the group:
     # its gloo threads would outlive the interpreter and abort the process at exit ("terminate
     # called without an active exception", pytorch/pytorch#190489). Imported first, it does not.
-    import torch._dynamo  # noqa: F401
-
+    importlib.import_module("torch._dynamo")
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     try:
         yield dist.get_rank()
@@ -307,6 +307,7 @@ def launch(argv: list[str], nproc: int, timeout: float = DEFAULT_TIMEOUT) -> tup
     agent (standalone rendezvous, no restarts). Returns ``(exit code, error message or None)``:
     the message names the first rank that failed (by the time it raised) and what it raised;
     the agent has stopped every other rank by then."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -315,7 +316,8 @@ def launch(argv: list[str], nproc: int, timeout: float = DEFAULT_TIMEOUT) -> tup
         rdzv_endpoint="localhost:0", rdzv_configs={"timeout": int(max(timeout, 60))}, max_restarts=0,
         monitor_interval=0.1, start_method="spawn", shutdown_timeout=5,
     )
-    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher"))]
     levels = [log.level for log in quiet]
     saved = {k: os.environ.get(k) for k in (WORKER_ENV, "OMP_NUM_THREADS")}
     os.environ[WORKER_ENV] = "1"
@@ -327,6 +329,8 @@ def launch(argv: list[str], nproc: int, timeout: float = DEFAULT_TIMEOUT) -> tup
         return 0, None
     except ChildFailedError as failed:
         return _failure_message(failed.failures, nproc, timeout)
+    except SignalException as signal:  # e.g. Ctrl-C: the agent has stopped the ranks
+        return 130, f"interrupted by signal {signal.sigval.name}; every rank has been stopped"
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
@@ -344,8 +348,9 @@ def _failure_message(failures: dict, nproc: int, timeout: float) -> tuple[int, s
         own = failure.error_file_data.get("natgrad") if isinstance(failure.error_file_data, dict) else None
         if own:
             reports.append((own["time"], rank, own["message"], own["text"], own["usage"]))
-        elif failure.exitcode < 0:  # stopped by the agent (SIGTERM) or killed
-            reports.append((math.inf, rank, f"stopped by signal {failure.signal_name()}", "", False))
+        elif failure.exitcode < 0:  # stopped by the agent (SIGTERM), or killed/crashed: then first
+            name = failure.signal_name()
+            reports.append((math.inf if name == "SIGTERM" else -math.inf, rank, f"stopped by signal {name}", "", False))
         else:
             reports.append((math.inf, rank, f"exited with code {failure.exitcode} without a Python error", "", False))
     reports.sort()
