@@ -15,17 +15,19 @@ import tempfile
 import traceback
 
 import torch
+import torch._dynamo  # noqa: F401  see below
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+# Imported after a group exists (as DDP and torch optimizers do), torch._dynamo keeps the group
+# alive past destroy_process_group and its gloo threads can abort the rank at exit
+# (pytorch/pytorch#190489); imported at module level, it is loaded before _worker joins a group.
 
 
 def _worker(rank: int, world: int, directory: str, timeout: float, fn, args) -> None:
     torch.set_num_threads(1)
     path = os.path.join(directory, f"result-{rank}.pt")
-    # imported after the group exists (as DDP and torch optimizers do), torch._dynamo keeps it
-    # alive past destroy_process_group and its gloo threads can abort the process at exit
-    # (pytorch/pytorch#190489); imported first, it does not
-    import torch._dynamo  # noqa: F401
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world,
