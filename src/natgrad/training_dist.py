@@ -216,11 +216,20 @@ class Ranks:
 
 
 def _weighted_all_reduce(state, bucket):  # no annotations: DDP checks them against its own types
-    """DDP communication hook: Σ_r (n_r / n) ∇(mean loss of rank r) = ∇(mean loss of the batch)."""
+    """DDP communication hook: Σ_r (n_r / n) ∇(mean loss of rank r) = ∇(mean loss of the batch).
+
+    On 3+ ranks each parameter's gradient is reduced on its own: the rounding of a sum over 3+
+    ranks depends on where a value sits in the reduced buffer, and DDP re-orders its buckets
+    after its first iteration, so with whole buckets a resumed run's first step would differ from
+    the uninterrupted run's in the last bits (on 2 ranks a + b is exact either way)."""
     buffer = bucket.buffer()
     buffer.mul_(state.weight)
-    future = dist.all_reduce(buffer, group=state.group, async_op=True).get_future()
-    return future.then(lambda f: f.value()[0])
+    if state.world < 3:
+        future = dist.all_reduce(buffer, group=state.group, async_op=True).get_future()
+        return future.then(lambda f: f.value()[0])
+    pieces = torch.split(buffer, [p.numel() for p in bucket.parameters()])
+    works = [dist.all_reduce(piece, group=state.group, async_op=True) for piece in pieces]
+    return torch.futures.collect_all([w.get_future() for w in works]).then(lambda _: buffer)
 
 
 SINGLE = Ranks()
