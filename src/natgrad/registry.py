@@ -79,9 +79,9 @@ def _natgrad(class_name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def _autoencoder_prong() -> dict:
-    """mnist-autoencoder: PRONG+ (batch normalisation after every whitened linear map), as the
-    paper ran this autoencoder; every, samples and eps keep their defaults (measured on seed 0,
-    docs/convergence.md). Plain PRONG cannot be tuned here: at PyTorch's initialisation the
+    """mnist-autoencoder: PRONG+ (batch normalisation after every whitened linear map), which
+    the paper ran on this autoencoder next to plain PRONG; every, samples and eps keep their
+    defaults (measured on seed 0, docs/convergence.md). Plain PRONG cannot be tuned here: at PyTorch's initialisation the
     deep sigmoid layers' inputs vary by 1e-6..1e-3, far below eps = 1e-2, so U ≈ eps^(-1/2) I and
     PRONG moves those layers like SGD at 1/eps = 100x the learning rate; within 20-30 steps
     their input variance grows by orders of magnitude (the whitened curvature of the last layer
