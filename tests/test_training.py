@@ -198,3 +198,24 @@ def test_task_specific_settings_come_from_the_registry():
     assert opt.param_groups[0]["damping"] == 1e-6 and opt.step_policy.kl_clip == 1.0
     opt = get_optimizer("kfac").make(auto.make_model(), auto, 0.3, 1e-3, None)
     assert (opt.param_groups[0]["lr"], opt.param_groups[0]["damping"]) == (0.3, 1e-3)
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
+    """Batch norm is scored with its running statistics and keeps them; the mode comes back."""
+    from natgrad.tasks import Data, get_task
+    from natgrad.training import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 10)).double()
+    x = torch.randn(50, 64, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 10, (50,))
+    bn = model[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    result = evaluate(get_task("digits-mlp"), model, Data(x, y, x, y))
+    assert model.training
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    model.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert result["full_train_loss"] == pytest.approx(expected, rel=1e-12)

@@ -109,14 +109,20 @@ def prepare_out(out: Path) -> None:
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dict:
     """Full training loss, test loss and the task's metric, without gradients (the optimizers'
-    hooks only record when grad is enabled)."""
+    hooks only record when grad is enabled) and in eval mode (batch norm uses and keeps its
+    running statistics), the model's mode restored afterwards."""
     sums = {"full_train_loss": 0.0, "test_loss": 0.0}
-    for key, x, y in (("full_train_loss", data.x_train, data.y_train), ("test_loss", data.x_test, data.y_test)):
-        for i in range(0, x.shape[0], chunk):
-            out = model(x[i:i + chunk])
-            sums[key] += float(task.loss(out, y[i:i + chunk])) * out.shape[0] / x.shape[0]
-            for name, value in (task.metric_sums(out, y[i:i + chunk]).items() if key == "test_loss" else ()):
-                sums["test_" + name] = sums.get("test_" + name, 0.0) + value / x.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        for key, x, y in (("full_train_loss", data.x_train, data.y_train), ("test_loss", data.x_test, data.y_test)):
+            for i in range(0, x.shape[0], chunk):
+                out = model(x[i:i + chunk])
+                sums[key] += float(task.loss(out, y[i:i + chunk])) * out.shape[0] / x.shape[0]
+                for name, value in (task.metric_sums(out, y[i:i + chunk]).items() if key == "test_loss" else ()):
+                    sums["test_" + name] = sums.get("test_" + name, 0.0) + value / x.shape[0]
+    finally:
+        model.train(was_training)
     sums.setdefault("test_accuracy", None)
     return sums
 
