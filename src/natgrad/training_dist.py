@@ -131,12 +131,11 @@ class Ranks:
             if error is not None:
                 raise error
             return
-        box = [None if error is None else str(error)]
-        self._collective("sharing rank 0's result", lambda: dist.broadcast_object_list(box, src=0, group=self.group))
+        message = self.share(None if error is None else str(error), "sharing rank 0's result")
         if error is not None:
             raise error
-        if box[0] is not None:
-            raise ValueError(box[0])
+        if message is not None:
+            raise ValueError(message)
 
     # ------------------------------------------------------------ checkpoints
     def rng_states(self) -> dict | None:
@@ -206,13 +205,11 @@ class Ranks:
                          lambda: dist.gather_object(obj, out, dst=0, group=self.group))
         return out
 
-    def share(self, obj):
+    def share(self, obj, what: str = "sharing rank 0's summary"):
         """Rank 0's ``obj`` on every rank."""
         if self.comm is None:
             return obj
-        box = [obj]
-        self._collective("sharing rank 0's summary", lambda: dist.broadcast_object_list(box, src=0, group=self.group))
-        return box[0]
+        return self.comm.broadcast_objects({"obj": obj}, {"obj": 0}, f"natgrad train: {what}")["obj"]
 
 
 def _weighted_all_reduce(state, bucket):  # no annotations: DDP checks them against its own types
