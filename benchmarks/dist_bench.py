@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -221,6 +222,10 @@ def worker(rank: int, world: int, directory: str, cfg: dict) -> None:
         result["fatal"] = traceback.format_exc()
     finally:
         if world > 1 and dist.is_initialized():
+            # DDP wrappers left in reference cycles hold the group: destroyed only at interpreter
+            # exit, after gloo's threads, they aborted a rank now and then ("terminate called
+            # without an active exception", 1 run in 5). Collect them while the group still exists.
+            gc.collect()
             dist.destroy_process_group()
     torch.save(result, os.path.join(directory, f"result-{rank}.pt"))
 

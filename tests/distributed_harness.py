@@ -10,6 +10,7 @@ any rank fails the call with that rank's traceback.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 import traceback
@@ -36,6 +37,7 @@ def _worker(rank: int, world: int, directory: str, timeout: float, fn, args) -> 
         try:
             result = {"ok": fn(rank, world, *args)}
         finally:
+            gc.collect()  # DDP wrappers in reference cycles hold the group: free them while it exists
             dist.destroy_process_group()
     except BaseException:
         result = {"error": traceback.format_exc()}

@@ -31,6 +31,7 @@ the first failure (its rank and message) and exits nonzero.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import importlib
 import json
@@ -284,6 +285,7 @@ def process_group_from_env(timeout: float = DEFAULT_TIMEOUT):
     try:
         yield dist.get_rank()
     finally:
+        gc.collect()  # DDP wrappers in reference cycles hold the group too (see above)
         dist.destroy_process_group()
 
 
