@@ -146,3 +146,23 @@ def test_mc_many_samples(likelihood):
     egot = mc_fisher(model, x, y, likelihood, "ekfac", big).to_dense()
     rel = float((egot - eexact).norm()) / float(eexact.norm())
     assert rel <= 10 * K_SIGMA * math.sqrt(err2) / float(exact.norm()), rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_categorical_sampler_frequencies(dtype):
+    """Class frequencies of many draws match softmax(logits) within K_SIGMA binomial standard
+    deviations, and a class of probability 0 (logit -inf) is never drawn, in any position."""
+    lik = H.lib().likelihoods.get_likelihood("categorical")
+    draws = 200_000
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0, float("-inf")],
+                           [float("-inf"), 1.0, 1.0, float("-inf"), -3.0]], dtype=dtype)
+    p = torch.softmax(logits.double(), dim=1)
+    torch.manual_seed(3)
+    y = lik.sample(logits.repeat_interleave(draws, 0)).reshape(2, draws)
+    assert y.dtype == torch.long and y.shape == (2, draws)
+    freq = torch.nn.functional.one_hot(y, 5).double().mean(1)
+    sd = (p * (1 - p) / draws).sqrt()
+    assert bool(((freq - p).abs() <= K_SIGMA * sd).all()), (freq, p)
+    assert bool((freq[p == 0] == 0).all()), "a zero-probability class was drawn"
+    # power: any class drawn 20 % too often or too rarely fails
+    assert bool(((K_SIGMA * sd)[p > 0] < 0.2 * p[p > 0]).all())

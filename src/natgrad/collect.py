@@ -35,6 +35,9 @@ def _backprop(output: Tensor, nodes: list[Tensor], vectors: list[Tensor], retain
                     for node, g in zip(nodes, grads)]
         except RuntimeError:
             pass
+    if len(vectors) == 1:
+        grads = torch.autograd.grad(output, nodes, vectors[0], retain_graph=retain_graph, allow_unused=True)
+        return [(torch.zeros_like(node) if g is None else g).unsqueeze(0) for node, g in zip(nodes, grads)]
     columns: list[list[Tensor]] = [[] for _ in nodes]
     for k, v in enumerate(vectors):
         grads = torch.autograd.grad(

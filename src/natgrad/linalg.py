@@ -26,14 +26,18 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
-def gram(x: Tensor) -> Tensor:
-    """xᵀx for x [M, d]. For d ≥ 256 only the upper triangle is multiplied, in four row
-    stripes (x[:, i]ᵀ x[:, i:]), and mirrored: ~20 % faster than one product here."""
+def gram(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """xᵀx for x [M, d], written into ``out`` [d, d] (a view is fine) when given.
+
+    For d ≥ 256 only the upper triangle is multiplied, in four row stripes
+    (x[:, i]ᵀ x[:, i:]), and mirrored: ~20 % faster than one product here.
+    """
     d = x.shape[1]
+    if out is None:
+        out = x.new_empty(d, d)
     if d < 256:
-        return x.T @ x
+        return torch.mm(x.T, x, out=out) if out.is_contiguous() else out.copy_(x.T @ x)
     edges = [round(i * d / 4) for i in range(5)]
-    out = x.new_empty(d, d)
     for lo, hi in zip(edges[:-1], edges[1:]):
         stripe = x[:, lo:hi].T @ x[:, lo:]
         out[lo:hi, lo:] = stripe

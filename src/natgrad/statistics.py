@@ -103,22 +103,25 @@ class DiagonalBuilder(_Builder):
 
 
 def input_gram(layer: LayerData) -> Tensor:
-    """Σ_{n,t} ā ā ᵀ per group: [G, D, D]; the bias row/column are sums, not a product."""
+    """Σ_{n,t} ā ā ᵀ per group: [G, D, D]; the bias row/column are sums, not a product.
+
+    The products are written straight into the [G, D, D] result (no concatenation of ā).
+    """
     n, t, g, d = layer.raw_inputs.shape
     x = layer.raw_inputs.reshape(n * t, g, d)
+    size = d + 1 if layer.adapter.has_bias else d
+    out = x.new_empty(g, size, size)
     if g == 1:
-        gram = symmetric_gram(x[:, 0, :]).unsqueeze(0)
+        symmetric_gram(x[:, 0, :], out=out[0, :d, :d])
     else:
         x = x.transpose(0, 1)
-        gram = x.mT @ x
-    if not layer.adapter.has_bias:
-        return gram
-    sums = x.sum(0) if g == 1 else x.sum(1)  # [G, D_in]
-    sums = sums.reshape(g, d)
-    corner = torch.full((g, 1, 1), float(n * t), dtype=gram.dtype, device=gram.device)
-    top = torch.cat([gram, sums.unsqueeze(-1)], dim=-1)
-    bottom = torch.cat([sums.unsqueeze(-2), corner], dim=-1)
-    return torch.cat([top, bottom], dim=-2)
+        torch.matmul(x.mT, x, out=out[:, :d, :d]) if size == d else out[:, :d, :d].copy_(x.mT @ x)
+    if layer.adapter.has_bias:
+        sums = x.sum(0) if g == 1 else x.sum(1)  # [G, D_in]
+        out[:, :d, d] = sums.reshape(g, d)
+        out[:, d, :d] = sums.reshape(g, d)
+        out[:, d, d] = float(n * t)
+    return out
 
 
 def output_gram(layer: LayerData) -> Tensor:
@@ -167,9 +170,9 @@ class KFACBuilder(_Builder):
         self.output_sums = dict(zip(keys, reduced[len(keys) :]))
 
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
-        """{block index: (A [G, D, D], G [G, O, O])}."""
+        """{block index: (A [G, D, D], G [G, O, O])}; divides the sums in place (call once, last)."""
         return {
-            i: (self.input_sums[i] / (self.examples * self.positions[i]), self.output_sums[i] / self.examples)
+            i: (self.input_sums[i].div_(self.examples * self.positions[i]), self.output_sums[i].div_(self.examples))
             for i in self.input_sums
         }
 
