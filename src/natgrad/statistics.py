@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .collect import BatchData, LayerData
 from .distributed import Communicator
-from .gram import block_diagonal_of_gram, block_gram
+from .gram import add_block_diagonal_of_gram, add_block_gram
 from .layout import Block
 from .linalg import gram as symmetric_gram
 from .linalg import symmetric_eigh
@@ -53,37 +53,46 @@ class _Builder:
 
 
 class DenseBuilder(_Builder):
-    """All blocks (``structure='dense'``) or only the diagonal ones (``'block_diagonal'``)."""
+    """All blocks (``structure='dense'``) or only the diagonal ones (``'block_diagonal'``).
+
+    The sums are written straight into their final storage — the upper blocks of one P×P
+    matrix, or one matrix per block — and the lower blocks are mirrored once in ``finish``.
+    """
 
     def __init__(self, blocks, dtype, device, diagonal_only: bool) -> None:
         super().__init__(blocks, dtype, device)
         self.diagonal_only = diagonal_only
+        count = len(blocks)
+        self.pairs = [(i, j) for i in range(count) for j in ([i] if diagonal_only else range(i, count))]
+        self.dense: Tensor | None = None
         self.sums: dict[tuple[int, int], Tensor] = {}
+        if diagonal_only:
+            self.sums = {(i, i): torch.empty(b.size, b.size, dtype=dtype, device=device) for i, b in enumerate(blocks)}
+        else:
+            size = blocks[-1].stop
+            self.dense = torch.empty(size, size, dtype=dtype, device=device)
+            self.sums = {(i, j): self.dense[blocks[i].slice, blocks[j].slice] for i, j in self.pairs}
+        self.started = False
 
     def _add(self, batch: BatchData) -> None:
-        count = len(self.blocks)
-        for i in range(count):
-            for j in [i] if self.diagonal_only else range(i, count):
-                gram = block_gram(batch, i, j)
-                self.sums[i, j] = self.sums[i, j] + gram if (i, j) in self.sums else gram
+        for i, j in self.pairs:
+            add_block_gram(batch, i, j, self.sums[i, j], accumulate=self.started)
+        self.started = True
 
     def finish(self, comm: Communicator | None = None) -> FisherMatrix:
         self._reduce_examples(comm)
         if comm is not None:
-            keys = list(self.sums)
-            reduced = comm.all_reduce([self.sums[k] for k in keys], [i == j for i, j in keys], "Fisher blocks")
-            self.sums = dict(zip(keys, reduced))
+            reduced = comm.all_reduce([self.sums[k] for k in self.pairs], [i == j for i, j in self.pairs],
+                                      "Fisher blocks")
+            for key, value in zip(self.pairs, reduced):
+                self.sums[key].copy_(value)
         if self.diagonal_only:
-            operators = [DenseBlock(self.sums[i, i] / self.examples) for i in range(len(self.blocks))]
+            operators = [DenseBlock(self.sums[i, i].div_(self.examples)) for i in range(len(self.blocks))]
             return BlockDiagonalFisher(self.blocks, operators, self.dtype, self.device)
-        size = self.blocks[-1].stop
-        dense = torch.empty(size, size, dtype=self.dtype, device=self.device)
-        for (i, j), gram in self.sums.items():
-            bi, bj = self.blocks[i].slice, self.blocks[j].slice
-            dense[bi, bj] = gram
+        for i, j in self.pairs:
             if i != j:
-                dense[bj, bi] = gram.T
-        return DenseFisher(self.blocks, dense.div_(self.examples))
+                self.dense[self.blocks[j].slice, self.blocks[i].slice] = self.sums[i, j].T
+        return DenseFisher(self.blocks, self.dense.div_(self.examples))
 
 
 class DiagonalBuilder(_Builder):
@@ -93,7 +102,7 @@ class DiagonalBuilder(_Builder):
 
     def _add(self, batch: BatchData) -> None:
         for i, block in enumerate(self.blocks):
-            self.total[block.slice] += block_diagonal_of_gram(batch, i)
+            add_block_diagonal_of_gram(batch, i, self.total[block.slice])
 
     def finish(self, comm: Communicator | None = None) -> FisherMatrix:
         self._reduce_examples(comm)
