@@ -432,7 +432,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="*",
                    help="comma-separated glob patterns on case names, e.g. 'mlp/kfac/*,cnn/*'")
     p.add_argument("--list", action="store_true", help="list the case names and exit")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed warm-up rounds, as long as timed ones (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 2)")
     p.add_argument("--min-sample-time", type=float, default=None,
                    help="repeat short calls within a sample up to this many seconds "
@@ -464,8 +465,6 @@ def parse_args(argv=None):
     p.add_argument("--_phase", choices=["setup", "run", "baseline"], default="run",
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup is None:
-        args.warmup = 1
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.min_sample_time is None:
