@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from .tasks import get_task
-from .training import _atomic_write, _positive, get_optimizer, prepare_out, run, write_json
+from .training import _positive, get_optimizer, run
+from .training_files import _atomic_write, prepare_out, write_json
 
 __all__ = ["compare", "DEFAULT_OPTIMIZERS", "SUMMARY_KEYS"]
 

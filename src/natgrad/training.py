@@ -14,6 +14,9 @@
   from it bit-for-bit.
 * ``out/summary.json`` — the returned summary.
 
+The file names, atomic writes and reading a checkpoint's configuration live in
+:mod:`natgrad.training_files`.
+
 Distributed (torch.distributed initialised with several processes, e.g. under ``torchrun`` or
 ``natgrad train --nproc N``): DistributedDataParallel, ``batch_size`` the global batch split
 over the ranks, rank 0 writing every file; see :mod:`natgrad.training_dist` and
@@ -44,14 +47,11 @@ from torch import Tensor, nn
 from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer, register_optimizer
 from .tasks import Data, Task, get_task
 from .training_dist import current
+from .training_files import (CHECKPOINT, CHECKPOINT_VERSION, METRICS, SUMMARY, _atomic_write, _finite,
+                             checkpoint_config, prepare_out, write_json)
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
            "evaluate", "write_json", "checkpoint_config"]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -64,46 +64,6 @@ def _positive(name: str, value, integer: bool = False):
         what = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
-
-
-def _finite(value):
-    return value if value is not None and math.isfinite(value) else None
-
-
-def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON atomically (non-finite floats become null)."""
-    def clean(x):
-        if isinstance(x, float):
-            return _finite(x)
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    _atomic_write(path, (json.dumps(clean(data), indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
-def prepare_out(out: Path) -> None:
-    """Create ``out`` and check that files can be written in it (ValueError/OSError otherwise)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {str(out)!r} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create output directory {str(out)!r}: {exc.strerror or exc}") from None
-    probe = out / ".natgrad-write-test"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"cannot write in output directory {str(out)!r}: {exc.strerror or exc}") from None
 
 
 @torch.no_grad()
@@ -125,16 +85,6 @@ def evaluate(task: Task, model: nn.Module, data: Data, chunk: int = 1000) -> dic
         model.train(was_training)
     sums.setdefault("test_accuracy", None)
     return sums
-
-
-def checkpoint_config(out) -> dict | None:
-    """The configuration (task, optimizer, lr, ..., and the number of processes ``world_size``)
-    of the run checkpointed in ``out``, if any."""
-    path = Path(out).expanduser() / CHECKPOINT
-    if not path.is_file():
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return dict(checkpoint["config"], world_size=checkpoint.get("world_size", 1))
 
 
 # --------------------------------------------------------------------------- the run
