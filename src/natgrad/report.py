@@ -18,17 +18,14 @@ only.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from .report_result import _ALL, Report, write_json_atomic
 
 __all__ = ["report", "Report", "write_json_atomic", "STRUCTURES", "ESTIMATORS",
            "DEFAULT_STRUCTURES"]
@@ -38,60 +35,6 @@ ESTIMATORS = ("exact", "mc", "empirical")
 DEFAULT_STRUCTURES = ("block_diagonal", "kron_sum", "kfac", "ekfac", "diagonal")
 DATASETS = ("digits", "mnist")
 _DEFAULT_HIDDEN = {"digits": (32,), "mnist": (8,)}
-_ALL = "all"
-
-
-@dataclass
-class Report:
-    """Result of :func:`report`. ``rel_error[structure][layer]`` and
-    ``cosine[structure][layer]`` are floats (NaN where undefined, e.g. a zero block);
-    ``layers`` are the block names of ``F.blocks`` followed by ``"all"``."""
-
-    structures: tuple[str, ...]
-    layers: tuple[str, ...]
-    rel_error: dict[str, dict[str, float]]
-    cosine: dict[str, dict[str, float]]
-    metadata: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready: NaN/Inf become ``None``."""
-        return {
-            "structures": list(self.structures),
-            "layers": list(self.layers),
-            "rel_error": _clean(self.rel_error),
-            "cosine": _clean(self.cosine),
-            "metadata": _clean(self.metadata),
-        }
-
-    def save(self, path) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path`` atomically; returns the path."""
-        return write_json_atomic(path, self.to_dict())
-
-    def to_table(self, header: bool = True) -> str:
-        """Aligned text table: one row per layer (+ ``all``), per structure rel.err and cos."""
-        name_w = max(len("layer"), *(len(n) for n in self.layers))
-        col_w = 9
-        group_w = 2 * col_w + 1
-        groups = [s[:group_w].center(group_w) for s in self.structures]
-        lines = []
-        if header:
-            lines.append(_describe(self.metadata))
-        lines.append(" " * name_w + "  " + "   ".join(groups))
-        sub = f"{'rel.err':>{col_w}} {'cos':>{col_w}}"
-        lines.append(f"{'layer':<{name_w}}  " + "   ".join([sub] * len(self.structures)))
-        lines.append("-" * len(lines[-1]))
-        for layer in self.layers:
-            if layer == _ALL and len(self.layers) > 1:
-                lines.append("-" * len(lines[-2]))
-            cells = [f"{_fmt_err(self.rel_error[s][layer]):>{col_w}} "
-                     f"{_fmt_cos(self.cosine[s][layer]):>{col_w}}" for s in self.structures]
-            lines.append(f"{layer:<{name_w}}  " + "   ".join(cells))
-        return "\n".join(lines)
-
-    format = to_table
-
-    def __str__(self) -> str:
-        return self.to_table()
 
 
 def report(model: nn.Module | None = None, data="digits", mnist_dir=None,
@@ -210,37 +153,7 @@ def mlp(n_in: int, hidden, n_out: int) -> nn.Sequential:
     return nn.Sequential(mods)
 
 
-def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and
-    ``os.replace``, so readers never see a half-written file. Creates missing parents."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp",
-                               dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 # --------------------------------------------------------------------------- helpers
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def _check_args(model, data, estimator, samples, damping, structures, train_steps, examples,
                 dtype, lr, batch_size, max_params) -> tuple[str, ...]:
@@ -398,37 +311,3 @@ def _describe_model(net: nn.Module, built: bool) -> str:
         widths.append(net[-1].out_features)
         return "MLP " + "-".join(map(str, widths)) + " tanh"
     return type(net).__name__
-
-
-def _describe(meta: dict) -> str:
-    if not meta:
-        return "natgrad report"
-    parts = [f"natgrad report: {meta.get('data')}", f"{meta.get('model')}",
-             f"{meta.get('params', 0):,} params",
-             f"{meta.get('examples')} examples",
-             f"{meta.get('estimator')} Fisher"
-             + (f" ({meta.get('samples')} samples)" if meta.get("estimator") == "mc" else ""),
-             f"damping {meta.get('damping'):g}",
-             f"{meta.get('train_steps')} Adam steps"]
-    acc = meta.get("test_accuracy")
-    if isinstance(acc, float) and math.isfinite(acc):
-        parts.append(f"test acc {acc:.1%}")
-    return ", ".join(parts)
-
-
-def _fmt_err(v: float) -> str:
-    return "nan" if v is None or not math.isfinite(v) else f"{v:.2e}"
-
-
-def _fmt_cos(v: float) -> str:
-    return "nan" if v is None or not math.isfinite(v) else f"{v:.5f}"
-
-
-def _clean(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
