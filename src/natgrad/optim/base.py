@@ -272,7 +272,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         grads = self._flat_grads()
         if grads is None:
             raise RuntimeError("step() found no gradients: call opt.backward(loss, output) (or loss.backward()) first")
-        if not bool(torch.isfinite(grads).all()):
+        if not _all_finite(grads):
             warnings.warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
             self._finish_step(advance=False)
             return None
@@ -291,7 +291,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         if weight_decay is not None:
             grads = grads + weight_decay * self._flat_params()
         direction = self._direction(grads)
-        if not bool(torch.isfinite(direction).all()):
+        if not _all_finite(direction):
             warnings.warn("non-finite preconditioned direction: step skipped", RuntimeWarning, stacklevel=2)
             self._finish_step(advance=False)
             return None
@@ -339,10 +339,14 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
     def _flat_params(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self._params()])
 
-    def _per_param(self, key: str) -> Tensor:
+    def _per_param(self, key: str) -> float | Tensor:
+        """The groups' ``key`` per parameter entry: a number if all groups agree, else flat [P]."""
+        values = {float(g[key]) for g in self.param_groups}
+        if len(values) == 1:
+            return values.pop()
         return torch.cat([torch.full((p.numel(),), float(self._group_of(p)[key]), dtype=self.dtype, device=self.device) for p in self._params()])
 
-    def _weight_decay_vector(self) -> Tensor | None:
+    def _weight_decay_vector(self) -> float | Tensor | None:
         if all(g["weight_decay"] == 0 for g in self.param_groups):
             return None
         return self._per_param("weight_decay")
@@ -382,3 +386,9 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
 
     def _direction(self, grads: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+def _all_finite(vector: Tensor) -> bool:
+    """No inf/NaN in ``vector``: a finite sum says so in one pass; otherwise look element-wise
+    (a sum of finite values can overflow)."""
+    return bool(torch.isfinite(vector.sum())) or bool(torch.isfinite(vector).all())

@@ -48,8 +48,8 @@ class EKFAC(KFAC):
             sums = self.comm.all_reduce(sums, what="EKFAC scales")
         for i, total in zip(layers, sums):
             state = self._layer_state(i)
-            scales = total / self._stat_examples
-            self._average(state, "scales", scales, 0.0 if state.pop("fresh_basis", False) else decay)
+            fresh = state.pop("fresh_basis", False)
+            self._average(state, "scales", total, 1.0 / self._stat_examples, 0.0 if fresh else decay)
 
     def _refresh(self) -> None:
         if not self.is_statistics_step():  # no batch to measure scales in the new basis

@@ -127,8 +127,14 @@ class KFAC(CurvatureOptimizer):
         return min(1.0 - 1.0 / self.stat_updates, self.schedule.decay)
 
     @staticmethod
-    def _average(state: dict, key: str, value: Tensor, decay: float) -> None:
-        state[key] = value if key not in state or decay == 0 else decay * state[key] + (1 - decay) * value
+    def _average(state: dict, key: str, total: Tensor, scale: float, decay: float) -> None:
+        """state[key] ← decay·state[key] + (1 − decay)·scale·total in two passes (``total``, a
+        fresh sum, is scaled in place and kept when there is nothing to average with). A new
+        tensor each time: references a user took to the previous average stay as they were."""
+        if key not in state or decay == 0:
+            state[key] = total.mul_(scale)
+        else:
+            state[key] = state[key].mul(decay).add_(total, alpha=(1 - decay) * scale)
 
     def _update_statistics(self, batch: BatchData) -> None:
         self.stat_updates += 1
@@ -142,10 +148,10 @@ class KFAC(CurvatureOptimizer):
         for k, i in enumerate(layers):
             state = self._layer_state(i)
             positions = batch.layers[i].raw_inputs.shape[1]
-            self._average(state, "A", sums[k] / (examples * positions), decay)
-            self._average(state, "G", sums[len(layers) + k] / examples, decay)
+            self._average(state, "A", sums[k], 1.0 / (examples * positions), decay)
+            self._average(state, "G", sums[len(layers) + k], 1.0 / examples, decay)
         for k, i in enumerate(generic):
-            self._average(self._layer_state(i), "fisher_diagonal", sums[2 * len(layers) + k] / examples, decay)
+            self._average(self._layer_state(i), "fisher_diagonal", sums[2 * len(layers) + k], 1.0 / examples, decay)
 
     # ---------------------------------------------------------------- sharded refresh
     def _layer_owners(self) -> dict[int, int]:

@@ -76,5 +76,7 @@ def quadratic_model(
     for i in range(size):
         linear[i] = float(grad @ vectors[i])
     for (i, j), total in zip(pairs, sums):
-        matrix[i, j] = matrix[j, i] = total / n + float((vectors[i] * damping * vectors[j]).sum())
+        damped = torch.dot(vectors[i] * damping, vectors[j]) if isinstance(damping, Tensor) else \
+            damping * torch.dot(vectors[i], vectors[j])
+        matrix[i, j] = matrix[j, i] = total / n + float(damped)
     return QuadraticModel(matrix, linear)

@@ -23,7 +23,11 @@ class StepRules:
     ``_per_param()``."""
 
     def _update(self, direction: Tensor, grads: Tensor):
-        """The parameter change (to subtract) and the quadratic model used, if any."""
+        """The parameter change δ (to add) and the quadratic model used, if any.
+
+        Per-parameter hyper-parameters are numbers when all groups agree (the usual case), so
+        each rule costs a few passes over the flat vectors and no per-parameter copies.
+        """
         policy = self.step_policy
         lr = self._per_param("lr")
         state = self.step_state
@@ -49,29 +53,30 @@ class StepRules:
                 )
             coeff = model.optimum(use_momentum=previous is not None)
             coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
-            proposal = float(coeff[0]) * -direction
+            change = direction * -float(coeff[0])
             if previous is not None:
-                proposal = proposal + float(coeff[1]) * previous
-            change = -lr * proposal
+                change.add_(previous, alpha=float(coeff[1]))
+            change.mul_(lr)
             state["coeff"] = (float(coeff[0]), float(coeff[1]))
         else:
             scale = 1.0
             if rescale == "kl_clip":
-                quad = float((lr * lr * direction * grads).sum())
+                quad = float(torch.dot(direction * lr * lr, grads) if isinstance(lr, Tensor) else
+                             lr * lr * torch.dot(direction, grads))
                 scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
             buffer = state.get("momentum_buffer")
-            step = scale * direction
-            buffer = step if buffer is None or policy.momentum == 0 else policy.momentum * buffer + step
+            step = direction * scale if scale != 1.0 else direction
+            buffer = step if buffer is None or policy.momentum == 0 else buffer.mul(policy.momentum).add_(step)
             state["momentum_buffer"] = buffer
-            change = lr * buffer
-        state["previous"] = -change
+            change = buffer * -lr
+        state["previous"] = change
         return change, model
 
     def _apply(self, change: Tensor) -> None:
         offset = 0
         for p in self._params():
             n = p.numel()
-            p.sub_(change[offset : offset + n].view_as(p))
+            p.add_(change[offset : offset + n].view_as(p))
             offset += n
 
     def _adapt_damping(self, model, loss: Tensor | None) -> None:
@@ -102,3 +107,4 @@ class StepRules:
                 value /= omega
             group["damping"] = min(max(value, policy.min_damping), policy.max_damping)
         state["ratio"] = ratio
+
