@@ -242,11 +242,21 @@ class StoredBuilder(_Builder):
 
 
 def eigenbasis_second_moments(layer: LayerData, basis_a: Tensor, basis_g: Tensor) -> Tensor:
-    """Σ_{n,k} (Q_Gᵀ Γ_nk Q_A)² elementwise, [G, O, D]; Γ_nk = Σ_t g_nkt ā_ntᵀ."""
+    """Σ_{n,k} (Q_Gᵀ Γ_nk Q_A)² elementwise, [G, O, D]; Γ_nk = Σ_t g_nkt ā_ntᵀ.
+
+    Simple layers (one position, one group): Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ ā_n)²)ᵀ, three matrix
+    products; ā Q_A = h Q_A[:D_in] + Q_A[D_in] (the bias row), so ā is never formed.
+    """
+    if layer.simple:
+        h, q_a, q_g = layer.raw_inputs[:, 0, 0, :], basis_a[0], basis_g[0]
+        a = torch.addmm(q_a[-1], h, q_a[:-1]) if layer.adapter.has_bias else h @ q_a  # [N, D]
+        grads = layer.grads[:, :, 0, 0, :]  # [N, K, O], a view of a contiguous [K, N, O]
+        g2 = (grads[:, 0] @ q_g).square_()
+        for k in range(1, grads.shape[1]):
+            g2.add_((grads[:, k] @ q_g).square_())
+        return (g2.T @ a.square_()).unsqueeze(0)
     a = torch.einsum("ntgd,gde->ntge", layer.inputs, basis_a)
     g = torch.einsum("nktgo,gop->nktgp", layer.grads, basis_g)
-    if layer.simple:
-        return (g[:, :, 0, 0].pow(2).sum(1).T @ a[:, 0, 0].pow(2)).unsqueeze(0)
     n, k = g.shape[:2]
     groups, o, d = g.shape[3], g.shape[4], a.shape[3]
     total = a.new_zeros(groups, o, d)
