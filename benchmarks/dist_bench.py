@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _measure as M  # noqa: E402
 import dist_costs as K  # noqa: E402
 
 C.use_repo_sources()
@@ -237,7 +238,7 @@ def cpu_seconds() -> tuple[float | None, float]:
 
     own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
-    return C._proc_stat_busy_seconds(), own
+    return M._proc_stat_busy_seconds(), own
 
 
 def run_world(world: int, cfg: dict) -> list[dict]:

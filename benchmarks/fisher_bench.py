@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _measure as M  # noqa: E402
 
 C.use_repo_sources()
 
@@ -296,11 +297,11 @@ def run_case(case: Case, wl: Workload, natgrad: Any, args, child_common: list[st
         return rec
     try:
         if args.wait_idle > 0:
-            rec["foreign_cpu_before"] = C.wait_for_idle(args.wait_idle)
+            rec["foreign_cpu_before"] = M.wait_for_idle(args.wait_idle)
         prep = prepare(case, wl, natgrad, args.cnn_data)
         rec["data_mode"] = prep.data_mode
         stats: dict = {}
-        t = C.time_round_robin({"baseline": wl.baseline, "method": prep.call},
+        t = M.time_round_robin({"baseline": wl.baseline, "method": prep.call},
                                warmup=args.warmup, repeats=args.repeats,
                                min_sample_time=args.min_sample_time,
                                max_foreign=args.max_other_cpu, max_rounds=args.max_rounds,
@@ -334,7 +335,7 @@ def _measure_memory(case: Case, rec: dict, data_mode: str | None, args, child_co
     try:
         mode = ["--cnn-data", data_mode] if data_mode else []
         setup_target = case.name if case.operation == "product" else case.workload
-        rec["peak_mb"], rec["peak_total_mb"] = C.peak_delta_mb(
+        rec["peak_mb"], rec["peak_total_mb"] = M.peak_delta_mb(
             [str(BENCH_PATH), "--_child", case.name, "--_phase", "run", *child_common, *mode],
             [str(BENCH_PATH), "--_child", setup_target, "--_phase", "setup", *child_common,
              *mode], setup_cache=setup_cache)
@@ -358,7 +359,7 @@ def child_main(args) -> None:
         prep = prepare(case, wl, natgrad, args.cnn_data)
         if args._phase == "run":
             prep.call()
-    C.child_report()
+    M.child_report()
 
 
 def _fmt_value(v: float | None, metric: str) -> str:
@@ -526,7 +527,7 @@ def main(argv=None) -> int:
                          "baseline_peak_mb": None}
         if args.memory:
             try:
-                wl_info[name]["baseline_peak_mb"] = C.peak_delta_mb(
+                wl_info[name]["baseline_peak_mb"] = M.peak_delta_mb(
                     [str(BENCH_PATH), "--_child", name, "--_phase", "baseline", *child_common],
                     [str(BENCH_PATH), "--_child", name, "--_phase", "setup", *child_common],
                     setup_cache=setup_cache)[0]

@@ -15,7 +15,7 @@ and ``Schedule(stat_every=10, inverse_every=10)``.
 
 Amortised step time: every timed sample runs a whole number of inverse periods (10 steps
 each), so each sample contains the same share of inverse refreshes; all optimizers are timed
-round-robin in one process (``_common.time_round_robin``), median over repeats, and divided by
+round-robin in one process (``_measure.time_round_robin``), median over repeats, and divided by
 the SGD step from the same rounds. Per-step clocks within the periods also give the typical
 (no-refresh) step and the refresh step.
 
@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _measure as M  # noqa: E402
 
 C.use_repo_sources()
 
@@ -227,7 +228,7 @@ def run_batch(batch: int, methods: list[Method], natgrad: Any, args) -> tuple[di
     for t in trainers.values():
         t.record = True
     stats: dict = {}
-    timing = C.time_round_robin({k: (lambda t=t: t.period(args.periods)) for k, t in trainers.items()},
+    timing = M.time_round_robin({k: (lambda t=t: t.period(args.periods)) for k, t in trainers.items()},
                                 warmup=args.warmup, repeats=args.repeats,
                                 min_sample_time=args.min_sample_time,
                                 max_foreign=args.max_other_cpu, max_rounds=args.max_rounds,

@@ -3,7 +3,7 @@
 
 Workload: MLP Linear(784,512)-Tanh-Linear(512,256)-ReLU-Linear(256,10), float32, batches of
 256 MNIST test images (random data of the same shapes with ``--synthetic``). Timed round-robin
-in one process (``_common.time_round_robin``), median over repeats:
+in one process (``_measure.time_round_robin``), median over repeats:
 
 * ``sgd``: one SGD(momentum 0.9) step of the plain model;
 * ``whitened``: one ``PRONG.step()`` of the whitened model (``natgrad.nn.whiten``) whose
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _measure as M  # noqa: E402
 
 C.use_repo_sources()
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "reparametrize": prong.reparametrize,
     }
     stats: dict = {}
-    timings = C.time_round_robin(fns, warmup=1, repeats=2 if args.quick else 7, max_foreign=0.1, stats=stats)
+    timings = M.time_round_robin(fns, warmup=1, repeats=2 if args.quick else 7, max_foreign=0.1, stats=stats)
     t = {name: timing.median for name, timing in timings.items()}
     spread = {name: [min(timing.samples), max(timing.samples)] for name, timing in timings.items()}
     overhead = t["reparametrize"] / (args.every * t["whitened"])

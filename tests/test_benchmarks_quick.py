@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "fisher_bench.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _common as C  # noqa: E402
+import _measure as M  # noqa: E402
 
 # Every figure the benchmark must report (docs: benchmarks/README.md).
 REQUIRED_CASES = {
@@ -137,7 +138,7 @@ def test_round_robin_counts():
             calls[k] += 1
         return f
 
-    t = C.time_round_robin({"a": make("a"), "b": make("b")}, warmup=1, repeats=3,
+    t = M.time_round_robin({"a": make("a"), "b": make("b")}, warmup=1, repeats=3,
                            min_sample_time=0.001)
     assert set(t) == {"a", "b"}
     for k in t:
@@ -152,7 +153,7 @@ def test_round_robin_discards_disturbed_rounds():
     # disturbed are kept; max_foreign=1 keeps the first repeats rounds.
     for max_foreign, rounds in ((-1.0, 6), (1.0, 2)):
         stats: dict = {}
-        t = C.time_round_robin({"a": lambda: None}, warmup=0, repeats=2, min_sample_time=0.001,
+        t = M.time_round_robin({"a": lambda: None}, warmup=0, repeats=2, min_sample_time=0.001,
                                max_foreign=max_foreign, max_rounds=6, stats=stats)
         assert len(t["a"].samples) == 2
         assert stats["rounds"] == rounds and stats["discarded"] == rounds - 2
@@ -191,6 +192,6 @@ def test_read_mnist_idx(tmp_path):
 
 
 def test_foreign_cpu_is_a_fraction():
-    with C.ForeignCpu() as fc:
+    with M.ForeignCpu() as fc:
         sum(i * i for i in range(200_000))
     assert fc.fraction is None or 0.0 <= fc.fraction <= 1.0
