@@ -24,7 +24,26 @@ class LinearizedOutput:
         grads = torch.autograd.grad(self.output, self.params, u, retain_graph=True, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)])
 
+    def jvps(self, vectors: list[Tensor]) -> list[Tensor]:
+        """[J v for v in vectors], all through one vmapped double backward when there are several
+        (the loop when the graph has an operation vmap cannot batch)."""
+        if len(vectors) > 1:
+            self._build_pullback()
+            try:
+                (jv,) = torch.autograd.grad(self._pullback, self._dummy, torch.stack(vectors), retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)
+            except RuntimeError:
+                pass
+            else:
+                return [torch.zeros_like(self.output) for _ in vectors] if jv is None else list(jv.detach().unbind(0))
+        return [self.jvp(v) for v in vectors]
+
     def jvp(self, v: Tensor) -> Tensor:
+        self._build_pullback()
+        (jv,) = torch.autograd.grad(self._pullback, self._dummy, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.output) if jv is None else jv.detach()
+
+    def _build_pullback(self) -> None:
         if self._dummy is None:
             with torch.enable_grad():
                 self._dummy = torch.zeros_like(self.output, requires_grad=True)
@@ -34,5 +53,3 @@ class LinearizedOutput:
                 self._pullback = torch.cat(
                     [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)]
                 )
-        (jv,) = torch.autograd.grad(self._pullback, self._dummy, v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.output) if jv is None else jv.detach()

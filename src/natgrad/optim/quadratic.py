@@ -62,7 +62,7 @@ def quadratic_model(
     batches make up the global batch."""
     vectors = [direction] if previous is None else [direction, previous]
     linearized = LinearizedOutput(output, params)
-    jvps = [linearized.jvp(v) for v in vectors]
+    jvps = linearized.jvps(vectors)
     n = output.shape[0]
     out = output.detach()
     fisher_jvps = [likelihood.fisher_vector(out, jv) for jv in jvps]
