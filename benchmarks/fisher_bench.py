@@ -22,9 +22,8 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -33,233 +32,13 @@ import _measure as M  # noqa: E402
 C.use_repo_sources()
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as Fn  # noqa: E402
+from _fisher_cases import CASES, CASES_BY_NAME, VECTOR_SEED, Case, prepare  # noqa: E402
+from _fisher_report import _fmt_value, _jsonable, render_table  # noqa: E402
+from _fisher_workloads import BUILDERS, FULL, MODEL_SEED, QUICK, Workload  # noqa: E402
 
 SCHEMA_VERSION = 1
 BENCH_PATH = Path(__file__).resolve()
 DEFAULT_OUT = BENCH_PATH.parent / "results" / "fisher.json"
-MODEL_SEED = 0
-VECTOR_SEED = 1
-
-
-# --------------------------------------------------------------------------------------
-# Workloads (PEERS.md sections 1, 2, 4 / 6 / 3)
-# --------------------------------------------------------------------------------------
-@dataclass
-class Sizes:
-    mlp_examples: int
-    cnn_batches: int
-    cnn_batch_size: int
-    digits_examples: int | None  # None = all 1,797
-
-
-FULL = Sizes(mlp_examples=1024, cnn_batches=10, cnn_batch_size=1000, digits_examples=None)
-QUICK = Sizes(mlp_examples=256, cnn_batches=2, cnn_batch_size=200, digits_examples=512)
-
-
-@dataclass
-class Workload:
-    name: str
-    description: str
-    model: nn.Module
-    batches: list  # [(inputs, targets)]: what the baseline loops over
-    data_source: str
-
-    @property
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    @property
-    def n_examples(self) -> int:
-        return sum(len(y) for _, y in self.batches)
-
-    def baseline(self) -> None:
-        """One plain forward + backward over all batches: mean cross-entropy on the true
-        labels, gradients into ``.grad`` (zeroed first)."""
-        self.model.zero_grad(set_to_none=True)
-        for x, y in self.batches:
-            Fn.cross_entropy(self.model(x), y).backward()
-
-    def natgrad_data(self, mode: str):
-        """The data argument for ``natgrad.fisher``: the single batch as an
-        ``(inputs, targets)`` pair, or for several batches a DataLoader over them
-        (``loader``), one concatenated pair (``tensors``), or the list of batches that the
-        caller loops over (``loop``)."""
-        if len(self.batches) == 1:
-            return self.batches[0]
-        if mode == "loader":
-            from torch.utils.data import DataLoader
-
-            return DataLoader(self.batches, batch_size=None)  # pre-made batches, no collation
-        if mode == "tensors":
-            return (torch.cat([x for x, _ in self.batches]),
-                    torch.cat([y for _, y in self.batches]))
-        if mode == "loop":
-            return self.batches
-        raise ValueError(f"unknown data mode {mode!r}")
-
-
-def _mnist(args, n: int, flatten: bool):
-    if args.synthetic:
-        shape = (784,) if flatten else (1, 28, 28)
-        return (*C.synthetic_classification(n, shape, 10, seed=0), "synthetic")
-    x, y = C.load_mnist_test(args.mnist_dir, n=n, flatten=flatten)
-    if len(y) < n:
-        raise ValueError(f"MNIST test set in {args.mnist_dir} has {len(y)} < {n} examples")
-    return x, y, "mnist"
-
-
-def build_mlp(args, sizes: Sizes) -> Workload:
-    x, y, src = _mnist(args, sizes.mlp_examples, flatten=True)
-    torch.manual_seed(MODEL_SEED)
-    model = nn.Sequential(nn.Linear(784, 512), nn.Tanh(), nn.Linear(512, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    return Workload("mlp", f"MLP 784-512-256-10 (tanh, relu), first {len(y)} MNIST test "
-                    "images as one batch", model, [(x, y)], src)
-
-
-def build_cnn(args, sizes: Sizes) -> Workload:
-    n = sizes.cnn_batches * sizes.cnn_batch_size
-    x, y, src = _mnist(args, n, flatten=False)
-    torch.manual_seed(MODEL_SEED)
-    model = nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(512, 10))
-    b = sizes.cnn_batch_size
-    batches = [(x[i:i + b].contiguous(), y[i:i + b].contiguous()) for i in range(0, n, b)]
-    return Workload("cnn", f"CNN conv16-conv32-fc, {n} MNIST test images in "
-                    f"{sizes.cnn_batches} batches of {sizes.cnn_batch_size}", model, batches, src)
-
-
-def build_digits(args, sizes: Sizes) -> Workload:
-    x, y = C.load_digits(sizes.digits_examples)
-    torch.manual_seed(MODEL_SEED)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    return Workload("digits", f"MLP 64-32-10 (tanh), {len(y)} sklearn digits as one batch",
-                    model, [(x, y)], "sklearn-digits")
-
-
-BUILDERS: dict[str, Callable[..., Workload]] = {
-    "mlp": build_mlp, "cnn": build_cnn, "digits": build_digits}
-
-
-# --------------------------------------------------------------------------------------
-# Cases
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    name: str
-    workload: str
-    structure: str
-    estimator: str
-    operation: str = "construct"  # construct | product | construct+product
-    metric: str = "ratio"  # ratio | seconds
-    target: float | None = None  # natgrad's goal (<=), in the unit of ``metric``
-    peer: tuple[str, float] | None = None  # fastest peer library and its figure
-    note: str = ""
-
-
-def _case(workload: str, structure: str, estimator: str, operation: str = "construct",
-          **kw: Any) -> Case:
-    suffix = {"construct": "", "product": "/F@v", "construct+product": "/build+F@v"}[operation]
-    if structure == "implicit" and operation == "construct":
-        suffix = "/build"
-    return Case(f"{workload}/{structure}/{estimator}{suffix}", workload, structure, estimator,
-                operation, **kw)
-
-
-_FWD = "BackPACK's figure includes its forward pass; plain torch.func jvp+vjp: 2.0x"
-CASES: list[Case] = [
-    _case("mlp", "kfac", "mc", target=1.5, peer=("curvlinops", 2.2)),
-    _case("mlp", "kfac", "exact", target=4.0, peer=("nngeometry", 7.8)),
-    _case("mlp", "kfac", "empirical", peer=("curvlinops", 2.0)),
-    _case("mlp", "diagonal", "mc", target=1.3, peer=("BackPACK", 2.0)),
-    _case("mlp", "diagonal", "exact", target=2.5, peer=("BackPACK", 5.0)),
-    _case("mlp", "diagonal", "empirical", peer=("BackPACK", 1.7)),
-    _case("mlp", "implicit", "exact", "construct"),
-    _case("mlp", "implicit", "exact", "product", target=2.0, peer=("BackPACK", 2.2), note=_FWD),
-    _case("mlp", "implicit", "exact", "construct+product", peer=("BackPACK", 2.2), note=_FWD),
-    _case("mlp", "implicit", "empirical", "construct"),
-    _case("mlp", "implicit", "empirical", "product", peer=("nngeometry", 2.5)),
-    _case("mlp", "implicit", "empirical", "construct+product", peer=("nngeometry", 2.5)),
-    _case("cnn", "kfac", "mc", target=3.0, peer=("curvlinops", 3.7)),
-    _case("cnn", "kfac", "empirical", peer=("curvlinops", 4.2)),
-    _case("cnn", "kfac", "exact"),
-    _case("digits", "dense", "exact", metric="seconds", target=0.15, peer=("nngeometry", 0.77)),
-    _case("digits", "dense", "empirical", metric="seconds", target=0.05,
-          peer=("BackPACK", 0.085)),
-    _case("digits", "block_diagonal", "exact", metric="seconds"),
-    _case("digits", "kron_sum", "exact", metric="seconds"),
-    _case("digits", "ekfac", "exact", metric="seconds"),
-]
-CASES_BY_NAME = {c.name: c for c in CASES}
-
-
-@dataclass
-class Prepared:
-    call: Callable[[], Any]
-    data_mode: str | None = None
-    meta: dict = field(default_factory=dict)
-
-
-def _describe(F: Any, meta: dict) -> None:
-    meta["type"] = f"{type(F).__module__}.{type(F).__qualname__}"
-    size = getattr(F, "size", None)
-    size = size() if callable(size) else size
-    try:
-        meta["size"] = int(size) if size is not None else None
-    except (TypeError, ValueError):
-        meta["size"] = str(size)
-
-
-def prepare(case: Case, wl: Workload, natgrad: Any, data_mode: str) -> Prepared:
-    """The callable to time for ``case``. Product cases build F and v here (untimed).
-    ``data_mode`` (for multi-batch workloads) ``auto`` tries a DataLoader first and falls
-    back to one call per batch if natgrad rejects it; the probe calls are untimed."""
-    kw: dict[str, Any] = dict(likelihood="categorical", estimator=case.estimator,
-                              structure=case.structure)
-    if case.estimator == "mc":
-        kw["samples"] = 1
-    meta: dict = {}
-
-    def fisher_call(mode: str) -> Callable[[], Any]:
-        data = wl.natgrad_data(mode)
-        if mode == "loop" and len(wl.batches) > 1:
-            return lambda: [natgrad.fisher(wl.model, b, **kw) for b in data]
-        return lambda: natgrad.fisher(wl.model, data, **kw)
-
-    mode = data_mode if len(wl.batches) > 1 else None
-    if mode == "auto":
-        try:
-            fisher_call("loader")()
-            mode = "loader"
-        except Exception as exc:
-            meta["loader_error"] = f"{type(exc).__name__}: {exc}"
-            fisher_call("loop")()  # raises if natgrad cannot do this case at all
-            mode = "loop"
-    build = fisher_call(mode or "single")
-
-    if case.operation == "construct":
-        first = [True]
-
-        def call():
-            F = build()
-            if first[0]:
-                first[0] = False
-                _describe(F[0] if isinstance(F, list) else F, meta)
-            return F
-
-        return Prepared(call, mode, meta)
-
-    v = torch.randn(wl.n_params, generator=torch.Generator().manual_seed(VECTOR_SEED))
-    if mode == "loop":
-        raise RuntimeError("F @ v needs natgrad.fisher to accept the whole data set")
-    if case.operation == "product":
-        F = build()
-        _describe(F, meta)
-        return Prepared(lambda: F @ v, mode, meta)
-    return Prepared(lambda: build() @ v, mode, meta)  # construct+product
 
 
 # --------------------------------------------------------------------------------------
@@ -360,36 +139,6 @@ def child_main(args) -> None:
         if args._phase == "run":
             prep.call()
     M.child_report()
-
-
-def _fmt_value(v: float | None, metric: str) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f} s" if metric == "seconds" else f"{v:.2f}x"
-
-
-def render_table(records: list[dict]) -> str:
-    rows = []
-    for r in records:
-        unit = " s" if r["metric"] == "seconds" else "x"
-        peer = f"{r['peer']['name']} {r['peer']['value']:g}{unit}" if r["peer"] else "-"
-        rows.append([
-            r["name"],
-            _fmt_value(r["value"], r["metric"]),
-            f"<= {r['target']:g}{unit}" if r["target"] is not None else "-",
-            peer,
-            f"{r['vs_peer']:.2f}" if r["vs_peer"] is not None else "-",
-            r["status"],
-            f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else "-",
-            f"{r['baseline_seconds'] * 1e3:.2f}" if r["baseline_seconds"] is not None else "-",
-            f"{r['ratio']:.1f}x" if r["ratio"] is not None and r["metric"] == "seconds" else "",
-            f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-",
-            f"{100 * r['foreign_cpu']:.0f}%" if r.get("foreign_cpu") is not None else "-",
-            f"{r['rounds'] - r['rounds_discarded']}/{r['rounds']}" if r.get("rounds") else "-",
-        ])
-    return C.format_table(
-        ["case", "natgrad", "target", "fastest peer", "/peer", "status", "natgrad ms",
-         "fwd+bwd ms", "ratio", "peak MB", "other CPU", "rounds"], rows, "llllrlrrrrrr")
 
 
 def profile_cases(cases: list[Case], workloads: dict, natgrad: Any, args) -> None:
@@ -596,19 +345,6 @@ def main(argv=None) -> int:
     for r in errors:
         print(f"ERROR {r['name']}: {r['error']}", file=sys.stderr)
     return 1 if errors else 0
-
-
-def _jsonable(rec: dict) -> dict:
-    """Floats to JSON-safe values (NaN/inf -> null)."""
-    out = {}
-    for k, v in rec.items():
-        if isinstance(v, float):
-            out[k] = C.finite_or_none(v)
-        elif isinstance(v, list):
-            out[k] = [C.finite_or_none(x) if isinstance(x, float) else x for x in v]
-        else:
-            out[k] = v
-    return out
 
 
 if __name__ == "__main__":
