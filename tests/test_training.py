@@ -50,6 +50,20 @@ def test_short_run_writes_metrics_summary_checkpoint(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_eval_seconds_evaluates_by_training_time():
+    """With eval_seconds, a step is an evaluation step once that much training time passed since
+    the last evaluation: every step for a tiny interval, only the step-count ones for a huge one."""
+    run_ = run("digits-mlp", "sgd", steps=7, progress=False, eval_every=100, eval_seconds=1e-9)
+    evals = [r for r in run_.records if "full_train_loss" in r]
+    assert [r["step"] for r in evals] == list(range(8))
+    run_ = run("digits-mlp", "sgd", steps=7, progress=False, eval_every=3, eval_seconds=1e6)
+    assert [r["step"] for r in run_.records if "full_train_loss" in r] == [0, 3, 6, 7]
+    assert run_.summary["eval_seconds"] == 1e6
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eval_seconds"):
+            run("digits-mlp", "sgd", steps=2, progress=False, eval_seconds=bad)
+
+
 def test_epochs_and_time_budget_limits():
     s = train("digits-mlp", "sgd", epochs=2, progress=False)
     assert s["steps"] == 24 and s["stopped_by"] == "epochs" and s["epochs"] == 2

@@ -65,12 +65,15 @@ def _check_grid(lr_grid, optimizers, task) -> dict[str, tuple[float, ...]]:
 
 
 def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=None, seeds=1, lr_grid=None,
-            progress=True, verbose=True, mnist_dir=None, eval_every=None, search_seeds=None) -> dict:
+            progress=True, verbose=True, mnist_dir=None, eval_every=None, search_seeds=None,
+            eval_seconds=None) -> dict:
     """Run the comparison; returns the ``summary.json`` dict (written with the other files to
     ``out`` if given) and prints the table if ``verbose``. ``budget``: seconds of training per
     run (default: the task's ``compare_budget``); ``lr_grid``: ``{optimizer: [lr, ...]}``
     overriding the built-in grids; ``search_seeds``: seeds of the learning-rate search (default:
-    all ``seeds``)."""
+    all ``seeds``); ``eval_seconds``: also evaluate once this much training time has passed since
+    the last evaluation (default: 1/60 of the budget), so that the time to the target has the
+    same resolution for fast and slow steps."""
     task = get_task(task)
     if isinstance(optimizers, str):
         optimizers = [o.strip() for o in optimizers.split(",") if o.strip()]
@@ -86,6 +89,7 @@ def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=N
     if search_seeds > seeds:
         raise ValueError(f"search_seeds ({search_seeds}) cannot exceed seeds ({seeds})")
     _positive("eval_every", eval_every, integer=True)
+    eval_seconds = _positive("eval_seconds", eval_seconds) or budget / 60
     data = task.load(mnist_dir)
     out = None if out is None else Path(out).expanduser()
     if out is not None:
@@ -105,7 +109,7 @@ def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=N
         if bar is not None:
             bar.set_postfix_str(f"{name} lr={lr:g} seed={seed}")
         result = run(task, name, lr=lr, seed=seed, time_budget=budget, progress=False, data=data,
-                     eval_every=eval_every)
+                     eval_every=eval_every, eval_seconds=eval_seconds)
         runs[name].setdefault(lr, []).append(result)
         if bar is not None:
             bar.update(1)

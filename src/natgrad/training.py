@@ -7,7 +7,9 @@
   ``train_loss`` (the loss of that step's batch); on evaluation steps (every ``eval_every``
   steps, step 0 and the last step) also ``full_train_loss`` (mean loss over the whole training
   split), ``test_loss``, ``test_accuracy`` (``null`` for the autoencoder, which reports
-  ``test_reconstruction_error`` instead). Step 0 is the evaluation before training.
+  ``test_reconstruction_error`` instead). Step 0 is the evaluation before training. With
+  ``eval_seconds`` a step is also an evaluation step once that much training time has passed
+  since the last evaluation: the same time resolution for fast and slow optimizers.
 * ``out/checkpoint.pt`` — model, optimizer, torch RNG state (every rank's when distributed),
   data-order RNG and position, step, training time; written atomically (temporary file +
   ``os.replace``) every ``checkpoint_every`` steps and at the end. ``resume=True`` continues
@@ -23,7 +25,8 @@ over the ranks, rank 0 writing every file; see :mod:`natgrad.training_dist` and
 docs/distributed.md.
 
 The target loss is reached at the first evaluation whose full training loss is ≤ the task's
-target, so ``steps_to_target`` has the resolution of ``eval_every``.
+target, so ``steps_to_target`` has the resolution of ``eval_every`` (and ``time_to_target_s``
+that of ``eval_seconds``, if given).
 
 Optimizers come from the registry :mod:`natgrad.registry` (re-exported here). Curvature
 optimizers with adaptive damping get a closure (the batch's loss after the step) on the steps
@@ -98,7 +101,8 @@ class Run:
 
 
 def train(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None, damping=None, seed=None,
-          out=None, resume=False, time_budget=None, progress=True, eval_every=None, **options) -> dict:
+          out=None, resume=False, time_budget=None, progress=True, eval_every=None, eval_seconds=None,
+          **options) -> dict:
     """Train ``task`` with ``optimizer``; returns the summary (see the module docstring).
 
     Stops at the first of ``steps``, ``epochs`` and ``time_budget`` (seconds of training time);
@@ -111,18 +115,19 @@ def train(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=Non
     """
     return run(task, optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, damping=damping,
                seed=seed, out=out, resume=resume, time_budget=time_budget, progress=progress,
-               eval_every=eval_every, **options).summary
+               eval_every=eval_every, eval_seconds=eval_seconds, **options).summary
 
 
 def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None, damping=None, seed=None,
-        out=None, resume=False, time_budget=None, progress=True, eval_every=None, checkpoint_every=100,
-        mnist_dir=None, data: Data | None = None) -> Run:
+        out=None, resume=False, time_budget=None, progress=True, eval_every=None, eval_seconds=None,
+        checkpoint_every=100, mnist_dir=None, data: Data | None = None) -> Run:
     """:func:`train`, also returning every metrics record."""
     task = get_task(task)
     spec = get_optimizer(optimizer)
     for name, value, integer in (("steps", steps, True), ("epochs", epochs, True), ("batch_size", batch_size, True),
                                  ("lr", lr, False), ("damping", damping, False), ("time_budget", time_budget, False),
-                                 ("eval_every", eval_every, True), ("checkpoint_every", checkpoint_every, True)):
+                                 ("eval_every", eval_every, True), ("eval_seconds", eval_seconds, False),
+                                 ("checkpoint_every", checkpoint_every, True)):
         _positive(name, value, integer)
     if damping is not None and not spec.curvature:
         raise ValueError(f"damping is only used by the curvature optimizers, not {optimizer!r}")
@@ -146,13 +151,14 @@ def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None,
                                  f"not {value!r}; drop the option or use another output directory")
         lr, damping, batch_size, seed = config["lr"], config["damping"], config["batch_size"], config["seed"]
         eval_every = eval_every or config["eval_every"]
+        eval_seconds = eval_seconds or config.get("eval_seconds")
     batch_size = batch_size or task.batch_size
     seed = 0 if seed is None else seed
     eval_every = eval_every or task.eval_every
     if data is None:
         data = task.load(mnist_dir)
     config = {"task": task.name, "optimizer": optimizer, "lr": lr, "damping": damping, "batch_size": batch_size,
-              "seed": seed, "eval_every": eval_every}
+              "seed": seed, "eval_every": eval_every, "eval_seconds": eval_seconds}
     return _Trainer(task, spec, data, config, out, checkpoint, checkpoint_every, progress).loop(steps, epochs, time_budget)
 
 
@@ -224,10 +230,15 @@ class _Trainer:
             return
         result = evaluate(self.task, self.model, self.data)
         record.update(result)
-        self.last_eval = dict(result, step=self.step)
+        self.last_eval = dict(result, step=self.step, time_s=self.elapsed)
         loss = result["full_train_loss"]
         if self.reached["steps_to_target"] is None and math.isfinite(loss) and loss <= self.task.target_loss:
             self.reached = {"steps_to_target": self.step, "time_to_target_s": self.elapsed}
+
+    def _evaluation_due(self) -> bool:
+        every, seconds = self.config["eval_every"], self.config.get("eval_seconds")
+        since = self.elapsed - self.last_eval.get("time_s", 0.0)
+        return self.step % every == 0 or (seconds is not None and since >= seconds)
 
     def _write(self, record: dict) -> None:
         if not self.ranks.leader:
@@ -309,7 +320,7 @@ class _Trainer:
                           "time_s": self.elapsed, "train_loss": value}
                 last = diverged or (limit is not None and self.step >= limit) or \
                     (time_budget is not None and self.elapsed >= time_budget)
-                if self.step % self.config["eval_every"] == 0 or last:
+                if last or self._evaluation_due():
                     self._evaluate(record)
                 self._write(record)
                 if self.out is not None and not diverged and self.step % self.checkpoint_every == 0:

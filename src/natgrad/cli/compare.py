@@ -33,6 +33,8 @@ def _add_compare(subparsers) -> None:
                    help="seeds of the learning-rate search (default: all --seeds); the chosen lr then "
                         "runs the remaining seeds")
     p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
+    p.add_argument("--eval-seconds", type=float, metavar="S",
+                   help="also a full evaluation once S seconds of training passed since the last (default: 1/60 of the budget)")
     p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/compare-TASK)")
     _add_mnist_dir(p)
     _add_threads(p)
@@ -49,7 +51,7 @@ def _run_compare(args) -> int:
     started = time.perf_counter()
     compare(args.task, args.optimizers, budget=args.budget, out=out, seeds=args.seeds,
             progress=_progress_enabled(args), verbose=True, mnist_dir=args.mnist_dir, eval_every=args.eval_every,
-            search_seeds=args.search_seeds)
+            eval_seconds=args.eval_seconds, search_seeds=args.search_seeds)
     names = ", ".join(str(out / n) for n in ("results.md", "loss_vs_time.png", "loss_vs_steps.png", "summary.json"))
     print(f"\nwrote {names} ({time.perf_counter() - started:.1f} s)")
     return 0

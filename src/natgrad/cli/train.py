@@ -39,6 +39,8 @@ def _add_train(subparsers) -> None:
                    help="damping of kfac/ekfac/ngd (default: the optimizer's)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of initialisation, sampling and data order (default 0)")
     p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
+    p.add_argument("--eval-seconds", type=float, metavar="S",
+                   help="also a full evaluation once S seconds of training passed since the last (default: none)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="checkpoint every N steps (default 100)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help=f"output directory (default {DEFAULT_OUT}/train-TASK-OPTIMIZER)")
@@ -112,7 +114,7 @@ def _run_train(args) -> int:
 def _train_options(args, out) -> dict:
     return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, damping=args.damping,
                 seed=args.seed, out=out, resume=args.resume, time_budget=args.budget,
-                progress=_progress_enabled(args), eval_every=args.eval_every,
+                progress=_progress_enabled(args), eval_every=args.eval_every, eval_seconds=args.eval_seconds,
                 checkpoint_every=args.checkpoint_every, mnist_dir=args.mnist_dir)
 
 
