@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import DEFAULT_OUT, _add_mnist_dir, _add_threads, _finite_float, _progress_enabled, _with_threads
+from .common import (DEFAULT_OUT, _add_mnist_dir, _add_threads, _finite_float, _progress_enabled, _with_threads,
+                     positive_float)
 
 
 def _add_compare(subparsers) -> None:
@@ -33,7 +34,7 @@ def _add_compare(subparsers) -> None:
                    help="seeds of the learning-rate search (default: all --seeds); the chosen lr then "
                         "runs the remaining seeds")
     p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
-    p.add_argument("--eval-seconds", type=float, metavar="S",
+    p.add_argument("--eval-seconds", type=positive_float, metavar="S",
                    help="also a full evaluation once S seconds of training passed since the last (default: 1/60 of the budget)")
     p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/compare-TASK)")
     _add_mnist_dir(p)

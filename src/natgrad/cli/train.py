@@ -39,7 +39,7 @@ def _add_train(subparsers) -> None:
                    help="damping of kfac/ekfac/ngd (default: the optimizer's)")
     p.add_argument("--seed", type=int, metavar="S", help="seed of initialisation, sampling and data order (default 0)")
     p.add_argument("--eval-every", type=int, metavar="N", help="full evaluation every N steps (default: the task's)")
-    p.add_argument("--eval-seconds", type=float, metavar="S",
+    p.add_argument("--eval-seconds", type=positive_float, metavar="S",
                    help="also a full evaluation once S seconds of training passed since the last (default: none)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="checkpoint every N steps (default 100)")
     p.add_argument("--out", type=Path, metavar="DIR",
