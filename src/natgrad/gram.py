@@ -20,6 +20,7 @@ from .collect import BatchData, LayerData
 from .linalg import gram as symmetric_gram
 
 _CHUNK_ELEMENTS = 2**25
+_EXPAND_ELEMENTS = 2**20  # entries of a diagonal block expanded from its pair sums at once
 
 
 def add_block_gram(batch: BatchData, i: int, j: int, out: Tensor, accumulate: bool) -> None:
@@ -41,17 +42,24 @@ def add_block_gram(batch: BatchData, i: int, j: int, out: Tensor, accumulate: bo
             product = out.new_zeros(out.shape)
             step = _rows_per_chunk(li.adapter.size + lj.adapter.size)
             for s in range(0, li.raw_inputs.shape[0], step):
-                ui, uj = (LayerData(l.adapter, l.raw_inputs[s : s + step], l.grads[s : s + step]).per_example()
-                          for l in (li, lj))
+                ui, uj = (LayerData(layer.adapter, layer.raw_inputs[s : s + step], layer.grads[s : s + step]).per_example()
+                          for layer in (li, lj))
                 product.addmm_(ui.flatten(0, 1).T, uj.flatten(0, 1))
-            out.add_(product) if accumulate else out.copy_(product)
+            _store(out, product, accumulate)
         return
     ui = batch.per_example(i).flatten(0, 1)
     if i == j:
         product = symmetric_gram(ui)
     else:
         product = ui.T @ batch.per_example(j).flatten(0, 1)
-    out.add_(product) if accumulate else out.copy_(product)
+    _store(out, product, accumulate)
+
+
+def _store(out: Tensor, value: Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out.add_(value)
+    else:
+        out.copy_(value)
 
 
 def add_block_diagonal_of_gram(batch: BatchData, i: int, out: Tensor) -> None:
@@ -130,7 +138,7 @@ def _put_symmetric(out: Tensor, z: Tensor, o: int, d: int, bias: bool, accumulat
     in (o, p) and in (d, e)) and write it into ``out``, a few rows of o at a time (small
     temporaries instead of two copies of the whole block)."""
     rows, cols = _pair_table(o).to(z.device), _pair_table(d).to(z.device).reshape(-1)
-    step = max(1, _rows_per_chunk(o * d * d) // 8)
+    step = max(1, _EXPAND_ELEMENTS // (o * d * d))
     for start in range(0, o, step):
         t = z.index_select(0, rows[start : start + step].reshape(-1)).index_select(1, cols)
         _put_joint(out, t.view(-1, o, d, d), bias, bias, accumulate, first=start, total=o)
@@ -154,7 +162,7 @@ def _put_joint(out: Tensor, t: Tensor, bias_i: bool, bias_j: bool, accumulate: b
     if bias_i and bias_j:
         parts.append((out[rows:, cols:][chunk], t[:, :, w_i, w_j]))
     for target, source in parts:
-        target.add_(source) if accumulate else target.copy_(source)
+        _store(target, source, accumulate)
 
 
 @lru_cache(maxsize=32)
