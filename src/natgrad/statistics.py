@@ -65,7 +65,7 @@ class DenseBuilder(_Builder):
         count = len(blocks)
         self.pairs = [(i, j) for i in range(count) for j in ([i] if diagonal_only else range(i, count))]
         self.dense: Tensor | None = None
-        self.sums: dict[tuple[int, int], Tensor] = {}
+        self.sums: dict[tuple[int, int], Tensor]  # views into self.dense, or one matrix per block
         if diagonal_only:
             self.sums = {(i, i): torch.empty(b.size, b.size, dtype=dtype, device=device) for i, b in enumerate(blocks)}
         else:
@@ -124,7 +124,7 @@ def input_gram(layer: LayerData) -> Tensor:
         symmetric_gram(x[:, 0, :], out=out[0, :d, :d])
     else:
         x = x.transpose(0, 1)
-        torch.matmul(x.mT, x, out=out[:, :d, :d]) if size == d else out[:, :d, :d].copy_(x.mT @ x)
+        out[:, :d, :d] = x.mT @ x
     if layer.adapter.has_bias:
         sums = x.sum(0) if g == 1 else x.sum(1)  # [G, D_in]
         out[:, :d, d] = sums.reshape(g, d)

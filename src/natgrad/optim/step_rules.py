@@ -107,4 +107,3 @@ class StepRules:
                 value /= omega
             group["damping"] = min(max(value, policy.min_damping), policy.max_damping)
         state["ratio"] = ratio
-
