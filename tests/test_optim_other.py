@@ -82,34 +82,22 @@ def test_other_adam_matches_torch_adam():
             H.assert_rel_close(p.detach(), s.detach(), 1e-12, f"Adam step {k}")
 
 
-def test_other_diagonal_uses_the_diagonal_fisher():
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_other_diagonal_uses_the_diagonal_fisher(estimator):
     O = optim()
     model = H.layernorm_net(74)
     x, y = H.make_data(model, "categorical", 6)
     lam, lr = 0.05, 0.1
-    diag = torch.diagonal(ref.fisher_exact(model, x, "categorical"))
+    fisher = ref.fisher_exact(model, x, "categorical") if estimator == "exact" else \
+        ref.fisher_empirical(model, x, y, "categorical")
+    diag = torch.diagonal(fisher)
     grad = grad_of(model, x, y)
     with pytest.warns(UserWarning):
-        opt = O.KFAC(model, lr=lr, damping=lam, other="diagonal", estimator="exact",
+        opt = O.KFAC(model, lr=lr, damping=lam, other="diagonal", estimator=estimator,
                      schedule=O.Schedule(decay=0.0), step_policy=O.StepPolicy(rescale="none", momentum=0.0))
     change = step_change(opt, model, x, y)
     sl = _ln_slice(model)
-    H.assert_rel_close(change[sl] / lr, grad[sl] / (diag[sl] + lam), 1e-10, "other='diagonal'")
-
-
-def test_other_diagonal_with_empirical_estimator():
-    O = optim()
-    model = H.layernorm_net(74)
-    x, y = H.make_data(model, "categorical", 6)
-    lam, lr = 0.05, 0.1
-    diag = torch.diagonal(ref.fisher_empirical(model, x, y, "categorical"))
-    grad = grad_of(model, x, y)
-    with pytest.warns(UserWarning):
-        opt = O.KFAC(model, lr=lr, damping=lam, other="diagonal", estimator="empirical",
-                     schedule=O.Schedule(decay=0.0), step_policy=O.StepPolicy(rescale="none", momentum=0.0))
-    change = step_change(opt, model, x, y)
-    sl = _ln_slice(model)
-    H.assert_rel_close(change[sl] / lr, grad[sl] / (diag[sl] + lam), 1e-10, "other='diagonal', empirical")
+    H.assert_rel_close(change[sl] / lr, grad[sl] / (diag[sl] + lam), 1e-10, f"other='diagonal', {estimator}")
 
 
 @pytest.mark.parametrize("name", ["KFAC", "EKFAC"])
