@@ -18,34 +18,7 @@ from .layers import adapter_for
 from .layers.base import LayerAdapter
 from .layout import Block
 from .likelihoods import Likelihood
-
-
-def _backprop(output: Tensor, nodes: list[Tensor], vectors: list[Tensor], retain_graph: bool) -> list[Tensor]:
-    """∂⟨output, v_k⟩/∂node for every node and vector: [K, *node.shape] per node.
-
-    All K vectors go through one vmapped backward (``is_grads_batched``); graphs with an
-    operation vmap cannot batch fall back to one backward per vector.
-    """
-    if len(vectors) > 1:
-        try:
-            grads = torch.autograd.grad(
-                output, nodes, torch.stack(vectors), retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-            return [torch.zeros((len(vectors),) + node.shape, dtype=node.dtype, device=node.device) if g is None else g
-                    for node, g in zip(nodes, grads)]
-        except RuntimeError:
-            pass
-    if len(vectors) == 1:
-        grads = torch.autograd.grad(output, nodes, vectors[0], retain_graph=retain_graph, allow_unused=True)
-        return [(torch.zeros_like(node) if g is None else g).unsqueeze(0) for node, g in zip(nodes, grads)]
-    columns: list[list[Tensor]] = [[] for _ in nodes]
-    for k, v in enumerate(vectors):
-        grads = torch.autograd.grad(
-            output, nodes, v, retain_graph=retain_graph or k < len(vectors) - 1, allow_unused=True
-        )
-        for column, node, grad in zip(columns, nodes, grads):
-            column.append(torch.zeros_like(node) if grad is None else grad)
-    return [torch.stack(column) for column in columns]
+from .linearized import batched_vjp
 
 
 def _shared_parameter_owners(model: nn.Module) -> set[str]:
@@ -216,7 +189,7 @@ class Collector:
             return {}
         order = list(self.adapters.items())
         nodes = [capture.outputs[a.name] for _, a in order]
-        grads = _backprop(output, nodes, vectors, retain_graph)  # per node [K, *node.shape]
+        grads = batched_vjp(output, nodes, vectors, retain_graph)  # per node [K, *node.shape]
         k, n = len(vectors), output.shape[0]
         layers = {}
         for (i, adapter), node, grad in zip(order, nodes, grads):
