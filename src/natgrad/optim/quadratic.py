@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..distributed import Communicator
 from ..likelihoods import Likelihood
+from ..linalg import weighted_dot
 from ..linearized import LinearizedOutput
 
 
@@ -76,7 +77,5 @@ def quadratic_model(
     for i in range(size):
         linear[i] = float(grad @ vectors[i])
     for (i, j), total in zip(pairs, sums):
-        damped = torch.dot(vectors[i] * damping, vectors[j]) if isinstance(damping, Tensor) else \
-            damping * torch.dot(vectors[i], vectors[j])
-        matrix[i, j] = matrix[j, i] = total / n + float(damped)
+        matrix[i, j] = matrix[j, i] = total / n + weighted_dot(vectors[i], damping, vectors[j])
     return QuadraticModel(matrix, linear)

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..linalg import weighted_dot
 from .quadratic import quadratic_model
 
 
@@ -61,8 +62,7 @@ class StepRules:
         else:
             scale = 1.0
             if rescale == "kl_clip":
-                quad = float(torch.dot(direction * lr * lr, grads) if isinstance(lr, Tensor) else
-                             lr * lr * torch.dot(direction, grads))
+                quad = weighted_dot(direction, lr * lr, grads)
                 scale = min(1.0, math.sqrt(policy.kl_clip / quad)) if quad > 0 else 1.0
             buffer = state.get("momentum_buffer")
             step = direction * scale if scale != 1.0 else direction
