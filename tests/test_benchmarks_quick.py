@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,19 +134,21 @@ def test_table_on_stdout(quick_run):
 def test_round_robin_counts():
     calls = {"a": 0, "b": 0}
 
-    def make(k):
+    def make(k, seconds):
         def f():
             calls[k] += 1
+            time.sleep(seconds)
         return f
 
-    t = M.time_round_robin({"a": make("a"), "b": make("b")}, warmup=1, repeats=3,
-                           min_sample_time=0.001)
+    # "a" (a 20-ms sleep) needs no repeats for a 10-ms sample; "b" (no sleep) needs many
+    t = M.time_round_robin({"a": make("a", 0.02), "b": make("b", 0.0)}, warmup=1, repeats=3,
+                           min_sample_time=0.01)
     assert set(t) == {"a", "b"}
+    assert t["a"].number == 1 and calls["a"] == 1 + 1 + 3  # calibration, warm-up round, samples
+    assert t["b"].number >= 2
     for k in t:
-        assert len(t[k].samples) == 3 and t[k].number >= 1
+        assert len(t[k].samples) == 3
         assert all(s > 0 for s in t[k].samples)
-        # calibration call, one warm-up round (of the number calibrated first), samples
-        assert calls[k] >= 1 + 1 + 3 * t[k].number
 
 
 def test_round_robin_discards_disturbed_rounds():
