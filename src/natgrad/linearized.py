@@ -1,11 +1,14 @@
 """J v and Jᵀ u on the graph that produced an output, with no second forward pass.
 
-Jᵀ u is an ordinary backward (:func:`batched_vjp` for several u at once). For J v, g(u) = Jᵀ u is built once with ``create_graph`` for a
-dummy u (it is linear in u), and ∂(g(u)·v)/∂u = J v is one more backward through that graph
-(the double-backward trick).
+Jᵀ u is an ordinary backward (:func:`batched_vjp` for several u at once). For J v, g(u) = Jᵀ u is
+built once with ``create_graph`` for a dummy u (it is linear in u), and ∂(g(u)·v)/∂u = J v is one
+more backward through that graph (the double-backward trick). :func:`backward_with_pullback`
+builds g(u) during the user's own ``loss.backward()``, so J v then costs that one backward only.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -36,13 +39,16 @@ def batched_vjp(output: Tensor, inputs: list[Tensor], vectors: list[Tensor], ret
 
 
 class LinearizedOutput:
-    """``output`` [N, *out] of ``params`` (its graph must be alive); vectors are flat."""
+    """``output`` [N, *out] of ``params`` (its graph must be alive); vectors are flat.
 
-    def __init__(self, output: Tensor, params: list[Tensor]) -> None:
+    ``pullback``: (u, g) with g = Jᵀu + c as flat [P] built with a graph in the leaf u of
+    ``output``'s shape (c constant in u); built on first use of :meth:`jvps` if not given.
+    """
+
+    def __init__(self, output: Tensor, params: list[Tensor], pullback: tuple[Tensor, Tensor] | None = None) -> None:
         self.output = output
         self.params = params
-        self._dummy: Tensor | None = None
-        self._pullback: Tensor | None = None
+        self._dummy, self._pullback = pullback if pullback is not None else (None, None)
 
     def vjp(self, u: Tensor) -> Tensor:
         grads = torch.autograd.grad(self.output, self.params, u, retain_graph=True, allow_unused=True)
@@ -63,6 +69,42 @@ class LinearizedOutput:
                 grads = torch.autograd.grad(
                     self.output, self.params, self._dummy, create_graph=True, allow_unused=True
                 )
-                self._pullback = torch.cat(
-                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.params, grads)]
-                )
+                self._pullback = _flat(self.params, grads)
+
+
+def _flat(params: list[Tensor], grads: list[Tensor | None]) -> Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+def backward_with_pullback(loss: Tensor, output: Tensor, params: list[Tensor]) -> LinearizedOutput | None:
+    """``loss.backward()`` that also returns ``output``'s linearization with its pullback built.
+
+    A hook swaps the gradient reaching ``output`` for a leaf u of the same value, and the
+    backward runs with ``create_graph``: every gradient is then Jᵀu plus terms that do not pass
+    through ``output`` (a regulariser's), as a graph in u — the pullback :meth:`LinearizedOutput.jvps`
+    needs, built by the backward the user pays for anyway instead of a second one. The ``.grad``
+    fields are left detached (no graph, no parameter↔gradient reference cycle) and hold the same
+    values as after a plain ``loss.backward()``; previously accumulated gradients add as usual.
+    Returns None if no gradient reached ``output`` (the loss does not depend on it).
+    """
+    leaves: list[Tensor] = []
+
+    def swap(grad: Tensor) -> Tensor:
+        leaves.append(grad.detach().requires_grad_())
+        return leaves[-1]
+
+    handle = output.register_hook(swap)
+    try:
+        with warnings.catch_warnings():  # the cycle it warns of is cut below
+            warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+            loss.backward(create_graph=True)
+    finally:
+        handle.remove()
+    grads = [p.grad for p in params]
+    for p in params:
+        if p.grad is not None and p.grad.requires_grad:
+            p.grad = p.grad.detach()
+    if len(leaves) != 1:
+        return None
+    with torch.enable_grad():
+        return LinearizedOutput(output, params, (leaves[0], _flat(params, grads)))

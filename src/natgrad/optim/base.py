@@ -32,6 +32,7 @@ from ..estimators import backprop_vectors, check_estimator
 from ..layout import Block, model_dtype_device, parameter_blocks
 from ..likelihoods import Likelihood, get_likelihood
 from ..linalg import check_damping
+from ..linearized import LinearizedOutput, backward_with_pullback
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
 from .step_rules import StepRules
@@ -111,6 +112,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         self.capture = TrainingCapture(self.model, {a.module: a.name for a in self.adapters.values()})
         self.steps = 0  # completed steps
         self._pending: tuple[Tensor, Tensor] | None = None  # (output, loss) of opt.backward
+        self._linearized: LinearizedOutput | None = None  # J·v on that graph, for the quadratic model
         self._stats_batch: BatchData | None = None
         self._skip = False
         self._warned_no_graph = False
@@ -214,7 +216,14 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
             return
         keep = self._needs_graph()
         stats = self.is_statistics_step() and self.estimator != "empirical"
-        loss.backward(retain_graph=keep or stats)
+        self._linearized = None
+        if keep and self.comm is None:
+            # the quadratic model's J·v reuse this backward (DDP reduces .grad without a graph)
+            self._linearized = backward_with_pullback(loss, output, self._params())
+        else:
+            loss.backward(retain_graph=keep or stats)
+        if keep and self._linearized is None:
+            self._linearized = LinearizedOutput(output, self._params())
         self._pending = (output, loss.detach())
         if stats:
             self._stats_batch = self._fisher_batch(output, keep)
@@ -322,6 +331,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         if advance:
             self.steps += 1
         self._pending = None
+        self._linearized = None
         self._stats_batch = None
         self.capture.clear()
         self._arm()

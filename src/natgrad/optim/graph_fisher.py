@@ -4,7 +4,8 @@ F v = (1/N) Σ_n J_nᵀ D̃_n J_n v with J v and Jᵀ u from :class:`LinearizedO
 D̃ is the closed-form output Fisher (``vectors=None``: the exact estimator) or Σ_k v_k v_kᵀ
 for the Monte-Carlo/empirical vectors [N, *out]. With a communicator, N and every product's
 sum over examples are all-reduced: F is the Fisher of the union of the ranks' batches, and
-every rank must take the same products (as a CG solve does).
+every rank must take the same products (as a CG solve does). ``linearized``: the output's
+linearization if the caller already has one (its pullback is then not built again).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ class GraphFisher(FisherMatrix):
         likelihood: Likelihood,
         vectors: list[Tensor] | None,
         comm: Communicator | None = None,
+        linearized: LinearizedOutput | None = None,
     ) -> None:
         super().__init__(blocks, params[0].dtype, params[0].device)
-        self.linearized = LinearizedOutput(output, params)
+        self.linearized = LinearizedOutput(output, params) if linearized is None else linearized
         self.likelihood = likelihood
         self.output = output.detach()
         self.comm = comm

@@ -120,7 +120,7 @@ class NGD(CurvatureOptimizer):
             vectors = None
         else:
             vectors = backprop_vectors(self.likelihood, self.estimator, output, None, self.samples)
-        return GraphFisher(self.blocks, output, self._params(), self.likelihood, vectors, self.comm)
+        return GraphFisher(self.blocks, output, self._params(), self.likelihood, vectors, self.comm, self._linearized)
 
     def _builder(self):
         args = (self.blocks, self.dtype, self.device)

@@ -2,7 +2,7 @@
 
 M(δ) = ½ δᵀ (F + λ' I) δ + ∇ᵀδ with F the exact Fisher of the current batch. Only quadratic
 forms aᵀ F b = (1/N) Σ_n (J_n a)ᵀ D_n (J_n b) are needed, and J v comes from the graph that
-produced the output (:class:`~natgrad.optim.linearized.LinearizedOutput`): no second forward.
+produced the output (:class:`~natgrad.linearized.LinearizedOutput`): no second forward.
 Across ranks, the sums Σ_n (J_n a)ᵀ D_n (J_n b) and N are all-reduced: F is that of the union
 of the ranks' batches (the gradient is already the global one).
 """
@@ -49,8 +49,7 @@ class QuadraticModel:
 
 
 def quadratic_model(
-    output: Tensor,
-    params: list[Tensor],
+    linearized: LinearizedOutput,
     likelihood: Likelihood,
     direction: Tensor,
     previous: Tensor | None,
@@ -58,14 +57,13 @@ def quadratic_model(
     damping: float | Tensor,
     comm: Communicator | None = None,
 ) -> QuadraticModel:
-    """Build the model on the batch that produced ``output`` (whose graph must be retained);
+    """Build the model on the batch whose output ``linearized`` holds (its graph alive);
     ``damping`` λ' is a number or one value per parameter (flat); ``comm``: the ranks whose
     batches make up the global batch."""
     vectors = [direction] if previous is None else [direction, previous]
-    linearized = LinearizedOutput(output, params)
     jvps = linearized.jvps(vectors)
-    n = output.shape[0]
-    out = output.detach()
+    n = linearized.output.shape[0]
+    out = linearized.output.detach()
     fisher_jvps = [likelihood.fisher_vector(out, jv) for jv in jvps]
     size = len(vectors)
     pairs = [(i, j) for i in range(size) for j in range(i, size)]

@@ -20,7 +20,7 @@ from .quadratic import quadratic_model
 
 class StepRules:
     """Needs from the optimizer: ``step_policy``, ``damping_policy``, ``param_groups``,
-    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``comm``, ``_params()``,
+    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``_linearized``, ``comm``, ``_params()``,
     ``_per_param()``."""
 
     def _update(self, direction: Tensor, grads: Tensor):
@@ -34,7 +34,7 @@ class StepRules:
         state = self.step_state
         previous = state.get("previous")
         rescale = policy.rescale
-        if rescale == "quadratic" and self._pending is None:
+        if rescale == "quadratic" and self._linearized is None:
             if not self._warned_no_graph:
                 warnings.warn(
                     "the exact-Fisher quadratic model needs the graph, which loss.backward() freed: "
@@ -49,8 +49,7 @@ class StepRules:
             damping = self._per_param("damping") + self._per_param("weight_decay")
             with torch.enable_grad():
                 model = quadratic_model(
-                    self._pending[0], self._params(), self.likelihood, -direction, previous, grads, damping,
-                    self.comm,
+                    self._linearized, self.likelihood, -direction, previous, grads, damping, self.comm
                 )
             coeff = model.optimum(use_momentum=previous is not None)
             coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
