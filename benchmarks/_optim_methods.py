@@ -4,6 +4,7 @@ the batches, and the FLOP floor of a step (see ``optim_bench.py``'s docstring)."
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ class Method:
     description: str
     kind: str  # sgd | kfac | ekfac
     stat_every: int = 1
+    stat_fraction: float = 1.0
     rescale: str = "quadratic"
     target: float | None = None  # on the ratio to SGD, at batch 256 only
     peer: tuple[str, float] | None = None  # at batch 256 only (PEERS.md §5, amortised)
@@ -43,6 +45,8 @@ METHODS = [
            rescale="kl_clip"),
     Method("kfac-stat10", "KFAC(..., schedule=Schedule(stat_every=10, inverse_every=10))",
            "kfac", stat_every=10),
+    Method("kfac-tau8", "KFAC(..., schedule=Schedule(stat_fraction=1/8, inverse_every=10))",
+           "kfac", stat_fraction=1 / 8),
 ]
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 
@@ -75,6 +79,7 @@ class Trainer:
             cls = {"kfac": o.KFAC, "ekfac": o.EKFAC}[method.kind]
             self.opt = cls(self.model, likelihood="categorical",
                            schedule=o.Schedule(stat_every=method.stat_every,
+                                               stat_fraction=method.stat_fraction,
                                                inverse_every=INVERSE_EVERY),
                            step_policy=o.StepPolicy(rescale=method.rescale))
             self._step = self._natgrad_step
@@ -119,6 +124,7 @@ class Trainer:
 def flops(method: Method, n: int) -> dict:
     """FLOPs (2 x multiply-adds) per step, amortised, for batch ``n`` (module docstring)."""
     fwd_bwd = precond = stats = inverse = mc_backprop = quad = 0.0
+    rows = math.ceil(n * method.stat_fraction)  # the examples that enter the statistics
     for i, o in LAYERS:
         d = i + 1
         fwd_bwd += 3 * n * i * o
@@ -126,10 +132,10 @@ def flops(method: Method, n: int) -> dict:
         quad += 2 * n * i * o  # a JVP (forward-mode) for F·Δ and F·δ0: ~1 forward each
         if method.kind == "kfac":
             precond += o * o * d + o * d * d
-            stats += (n * d * d + n * o * o) / method.stat_every
+            stats += (rows * d * d + rows * o * o) / method.stat_every
         else:  # ekfac: four basis products; factors + projections + squared scales
             precond += 2 * (o * o * d + o * d * d)
-            stats += (2 * n * d * d + 2 * n * o * o + n * o * d) / method.stat_every
+            stats += (2 * rows * d * d + 2 * rows * o * o + rows * o * d) / method.stat_every
         inverse += (d ** 3 + o ** 3) / INVERSE_EVERY
     sgd = 2 * fwd_bwd
     floor = 2 * (fwd_bwd + precond + stats + inverse)

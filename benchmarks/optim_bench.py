@@ -10,8 +10,9 @@ of the same initial model.
 * natgrad step = zero_grad + forward + cross_entropy + opt.backward(loss, out) + opt.step()
 
 with ``KFAC(model, likelihood="categorical", schedule=Schedule(inverse_every=10))`` (defaults
-otherwise), ``EKFAC`` the same, and two K-FAC variants (info): ``StepPolicy(rescale="kl_clip")``
-and ``Schedule(stat_every=10, inverse_every=10)``.
+otherwise), ``EKFAC`` the same, and three K-FAC variants (info): ``StepPolicy(rescale="kl_clip")``,
+``Schedule(stat_every=10, inverse_every=10)`` and ``Schedule(stat_fraction=1/8)`` (statistics
+of the first ⌈N/8⌉ examples, τ₁ of Martens & Grosse).
 
 Amortised step time: every timed sample runs a whole number of inverse periods (10 steps
 each), so each sample contains the same share of inverse refreshes; all optimizers are timed
@@ -21,7 +22,7 @@ the SGD step from the same rounds. Per-step clocks within the periods also give 
 
 FLOP floor (multiply-adds x 2), per Linear layer with in=I, out=O, D=I+1, batch N:
 forward+backward 3 N I O; preconditioning O^2 D + O D^2 (two matmuls); statistics N D^2 +
-N O^2 per statistics step (/stat_every amortised); inverses D^3 + O^3 per refresh
+N O^2 per statistics step (N → ⌈τ₁ N⌉ with stat_fraction; /stat_every amortised); inverses D^3 + O^3 per refresh
 (/inverse_every amortised). ``floor_ratio`` = floor / SGD FLOPs (SGD = forward+backward) is the
 best ratio any implementation could reach if it ran at the SGD step's FLOP rate;
 ``vs_floor`` = measured ratio / floor_ratio. Not in the floor (listed in the JSON, info): the
@@ -127,6 +128,7 @@ def run_batch(batch: int, methods: list[Method], natgrad: Any, args) -> tuple[di
         rec: dict[str, Any] = {
             "name": f"b{batch}/{m.name}", "method": m.name, "description": m.description,
             "batch_size": batch, "inverse_every": INVERSE_EVERY, "stat_every": m.stat_every,
+            "stat_fraction": m.stat_fraction,
             "rescale": m.rescale, "ratio": None, "seconds": None, "sgd_seconds": sgd_step,
             "samples_seconds": [], "number": None, "steps_per_sample": None,
             "typical_ratio": None, "refresh_ratio": None, "typical_seconds": None,

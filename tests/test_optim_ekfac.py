@@ -57,6 +57,21 @@ def test_first_step_direction(model_name, estimator, likelihood):
     H.assert_rel_close(change / lr, expected, 1e-8, f"EKFAC direction ({estimator}, {likelihood})")
 
 
+def test_stat_fraction_fits_bases_and_scales_on_the_first_examples():
+    """Schedule(stat_fraction=½): factors, bases and scales from the first 4 of 8 examples; the
+    gradient is still the whole batch's."""
+    O = optim()
+    model = mlp(31)
+    x, y = data(model, 8)
+    lam, lr = 0.02, 0.05
+    E, _ = ref.ekfac_dense(model, x[:4], y[:4], "categorical", "exact")
+    expected = torch.linalg.solve(E + lam * torch.eye(E.shape[0], dtype=torch.float64), grad_of(model, x, y))
+    opt = O.EKFAC(model, lr=lr, damping=lam, estimator="exact",
+                  schedule=O.Schedule(decay=0.0, stat_fraction=0.5), step_policy=plain())
+    change = step_change(opt, model, x, y)
+    H.assert_rel_close(change / lr, expected, 1e-8, "EKFAC direction, statistics of 4 of 8 examples")
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5])
 def test_basis_every_inverse_every_steps_scales_every_step(decay):
     """inverse_every=3: bases from the running factors on steps 0, 1, 2, 3, 6; on the other

@@ -85,6 +85,25 @@ def test_empirical_factors_from_plain_loss_backward():
     assert_factors_equal(opt_factors(opt, model), expected, "plain loss.backward()")
 
 
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_stat_fraction_uses_the_first_examples(model_name, estimator):
+    """Schedule(stat_fraction=τ₁): the factors of the first ⌈τ₁ N⌉ examples (τ₁ N = 2.5 here)."""
+    O = optim()
+    model = MODELS[model_name]()
+    x, y = data(model, 10)
+    expected = ref.kfac_factors(model, x[:3], y[:3], "categorical", estimator)
+    opt = O.KFAC(model, estimator=estimator, schedule=O.Schedule(decay=0.0, stat_fraction=0.25))
+    train_step(opt, model, x, y)
+    assert_factors_equal(opt_factors(opt, model), expected, "first 3 of 10 examples")
+
+
+def test_stat_fraction_is_refused_by_ngd():
+    O = optim()
+    with pytest.raises(ValueError, match="stat_fraction"):
+        O.NGD(mlp(0), schedule=O.Schedule(stat_fraction=0.5, decay=0.0))
+
+
 def _averaged_run(schedule, steps, batches, estimator="exact"):
     """Run KFAC, return per step: (factors after the step, reference batch factors or None)."""
     O = optim()

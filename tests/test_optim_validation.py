@@ -65,6 +65,8 @@ def test_model_type_validation():
     ("Schedule", dict(decay=float("nan")), "decay"), ("Schedule", dict(decay="0.5"), "decay"),
     ("Schedule", dict(stat_every=0), "stat_every"), ("Schedule", dict(stat_every=-2), "stat_every"),
     ("Schedule", dict(stat_every=1.5), "stat_every"), ("Schedule", dict(stat_every=True), "stat_every"),
+    ("Schedule", dict(stat_fraction=0.0), "stat_fraction"), ("Schedule", dict(stat_fraction=1.5), "stat_fraction"),
+    ("Schedule", dict(stat_fraction=float("nan")), "stat_fraction"), ("Schedule", dict(stat_fraction=True), "stat_fraction"),
     ("Schedule", dict(inverse_every=0), "inverse_every"), ("Schedule", dict(inverse_every=2.0), "inverse_every"),
     ("DampingPolicy", dict(mode="full"), "mode"), ("DampingPolicy", dict(mode=None), "mode"),
     ("DampingPolicy", dict(adaptive="yes"), "adaptive"), ("DampingPolicy", dict(adapt_every=0), "adapt_every"),

@@ -66,6 +66,13 @@ class BatchData:
     generic: dict[int, Tensor]  # block index -> per-example gradients [N, K, size]
     _cache: dict[int, Tensor] = field(default_factory=dict)
 
+    def first(self, count: int) -> BatchData:
+        """The same statistics restricted to the first ``count`` examples (views, no copies)."""
+        if count >= self.examples:
+            return self
+        layers = {i: LayerData(d.adapter, d.raw_inputs[:count], d.grads[:count]) for i, d in self.layers.items()}
+        return BatchData(count, layers, {i: g[:count] for i, g in self.generic.items()})
+
     def per_example(self, index: int) -> Tensor:
         """Per-example gradients [N, K, size] of block ``index`` (materialised, cached)."""
         if index in self.generic:

@@ -315,14 +315,17 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         return loss
 
     def _statistics_batch(self) -> BatchData:
+        """This step's statistics, restricted to the first ⌈τ₁ N⌉ examples (``stat_fraction``)."""
         if self.estimator == "empirical":
-            return self._empirical_batch()
-        if self._stats_batch is None:
+            batch = self._empirical_batch()
+        elif self._stats_batch is None:
             raise RuntimeError(
                 f"step {self.steps} is a statistics step for the {self.estimator!r} Fisher, which needs "
                 "the Fisher backprop: call opt.backward(loss, output) instead of loss.backward()"
             )
-        return self._stats_batch
+        else:
+            batch = self._stats_batch
+        return batch.first(math.ceil(self.schedule.stat_fraction * batch.examples))
 
     def _is_refresh_step(self) -> bool:
         return self.steps % self.schedule.inverse_every == 0 or self.steps < 3

@@ -69,6 +69,11 @@ class NGD(CurvatureOptimizer):
                 f"is supported for structures {list(AVERAGED)}, not {self.structure!r}; for running "
                 "Kronecker factors use natgrad.optim.KFAC or EKFAC"
             )
+        if schedule.stat_fraction != 1:
+            raise ValueError(
+                "NGD uses the Fisher of the whole batch: Schedule.stat_fraction must be 1, got "
+                f"{schedule.stat_fraction!r} (a statistics subset is a K-FAC/EKFAC option)"
+            )
         for key in ("damping", "weight_decay"):
             if len({float(g[key]) for g in self.param_groups}) > 1:
                 raise ValueError(f"NGD solves with one damping: param groups must share {key!r}")
