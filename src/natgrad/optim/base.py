@@ -217,7 +217,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         keep = self._needs_graph()
         stats = self.is_statistics_step() and self.estimator != "empirical"
         self._linearized = None
-        if keep and self.comm is None:
+        if keep and self.comm is None and output.requires_grad:
             # the quadratic model's J·v reuse this backward (DDP reduces .grad without a graph)
             self._linearized = backward_with_pullback(loss, output, self._params())
         else:
