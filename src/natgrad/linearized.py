@@ -85,7 +85,8 @@ def backward_with_pullback(loss: Tensor, output: Tensor, params: list[Tensor]) -
     needs, built by the backward the user pays for anyway instead of a second one. The ``.grad``
     fields are left detached (no graph, no parameter↔gradient reference cycle) and hold the same
     values as after a plain ``loss.backward()``; previously accumulated gradients add as usual.
-    Returns None if no gradient reached ``output`` (the loss does not depend on it).
+    The backward's own graph lives as long as the returned object (memory: about one more set of
+    the backward's intermediate gradients). Returns None if no gradient reached ``output``.
     """
     leaves: list[Tensor] = []
 
