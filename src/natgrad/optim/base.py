@@ -35,22 +35,11 @@ from ..linalg import check_damping
 from ..linearized import LinearizedOutput, backward_with_pullback
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
+from .groups import ParamGroups, check_lr
 from .step_rules import StepRules
 
 
-def check_lr(lr: float) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    return float(lr)
-
-
-def check_weight_decay(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
+class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
     """Base class; see the module docstring. ``param_groups`` (optional) are dicts with
     ``params`` (parameters of ``model``) and overrides of ``lr``/``damping``/``weight_decay``;
     a layer's parameters must share one group."""
@@ -98,7 +87,7 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         named = dict(self.model.named_parameters())
         self.block_params = [[named[n] for n in b.params] for b in self.blocks]
         defaults = {"lr": check_lr(lr), "damping": check_damping(damping), "weight_decay": step_policy.weight_decay}
-        super().__init__(self._groups(param_groups, defaults), defaults)
+        super().__init__(self._groups(param_groups), defaults)
         self.collector = Collector(
             self.model, self.blocks, self.likelihood, estimator, samples, type(self).__name__,
             kronecker=False, generic=self.generic_statistics, single_call=kronecker,
@@ -145,39 +134,6 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
         return reduced[:-1], int(round(float(reduced[-1])))
 
     # ---------------------------------------------------------------- setup
-    def _groups(self, param_groups: list[dict] | None, defaults: dict) -> list[dict]:
-        trainable = [p for b in self.block_params for p in b]
-        if param_groups is None:
-            return [{"params": trainable}]
-        ids = {id(p) for p in trainable}
-        seen: set[int] = set()
-        for group in param_groups:
-            if not isinstance(group, dict) or "params" not in group:
-                raise TypeError("param_groups must be a list of dicts with a 'params' entry")
-            for p in group["params"]:
-                if id(p) not in ids:
-                    raise ValueError("param_groups contain a parameter that is not a trainable parameter of the model")
-                seen.add(id(p))
-            if "lr" in group:
-                check_lr(group["lr"])
-            if "damping" in group:
-                check_damping(group["damping"])
-            if "weight_decay" in group:
-                check_weight_decay(group["weight_decay"])
-        if seen != ids:
-            raise ValueError("param_groups must cover every trainable parameter of the model exactly once")
-        for params in self.block_params:
-            owners = {i for i, g in enumerate(param_groups) for p in g["params"] if any(p is q for q in params)}
-            if len(owners) > 1:
-                raise ValueError("the parameters of one layer (weight and bias) must be in the same param group")
-        return param_groups
-
-    def _group_of(self, param: Tensor) -> dict:
-        for group in self.param_groups:
-            if any(param is p for p in group["params"]):
-                return group
-        raise KeyError("parameter not in any group")
-
     def remove_hooks(self) -> None:
         """Remove the hooks this optimizer placed on the model (it cannot train afterwards)."""
         self.capture.remove()
@@ -351,23 +307,6 @@ class CurvatureOptimizer(StepRules, torch.optim.Optimizer):
 
     def _flat_params(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self._params()])
-
-    def _per_param(self, key: str) -> float | Tensor:
-        """The groups' ``key`` per parameter entry: a number if all groups agree, else flat [P]."""
-        values = {float(g[key]) for g in self.param_groups}
-        if len(values) == 1:
-            return values.pop()
-        return torch.cat([torch.full((p.numel(),), float(self._group_of(p)[key]), dtype=self.dtype, device=self.device) for p in self._params()])
-
-    def _weight_decay_vector(self) -> float | Tensor | None:
-        if all(g["weight_decay"] == 0 for g in self.param_groups):
-            return None
-        return self._per_param("weight_decay")
-
-    def damping_of(self, block_index: int) -> float:
-        """λ + η of the group owning block ``block_index``."""
-        group = self._group_of(self.block_params[block_index][0])
-        return float(group["damping"]) + float(group["weight_decay"])
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
