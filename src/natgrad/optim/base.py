@@ -35,6 +35,7 @@ from ..linalg import check_damping
 from ..linearized import LinearizedOutput, backward_with_pullback
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
+from .gradient_factors import FactorRecord, record_backward
 from .groups import ParamGroups, check_lr
 from .step_rules import StepRules
 
@@ -103,6 +104,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         self._pending: tuple[Tensor, Tensor] | None = None  # (output, loss) of opt.backward
         self._linearized: LinearizedOutput | None = None  # J·v on that graph, for the quadratic model
         self._stats_batch: BatchData | None = None
+        self._factors: FactorRecord | None = None  # layers whose .grad opt.backward left factored
         self._skip = False
         self._warned_no_graph = False
         self.step_state: dict = {}  # previous step δ₀, momentum buffer, last (α, μ), LM ratio
@@ -142,11 +144,17 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
     def is_statistics_step(self) -> bool:
         return self.steps % self.schedule.stat_every == 0
 
+    def _uses_gradient_factors(self) -> bool:
+        """Whether ``_direction`` can use a layer's gradient in factored form (see
+        :mod:`natgrad.optim.gradient_factors`); the capture then records every step."""
+        return False
+
     def _arm(self) -> None:
         stats = self.is_statistics_step()
-        self.capture.active = stats
-        self.capture.record_grads = stats and self.estimator == "empirical"
-        if not stats:
+        factors = self._uses_gradient_factors()
+        self.capture.active = stats or factors
+        self.capture.record_grads = (stats and self.estimator == "empirical") or factors
+        if not self.capture.active:
             self.capture.clear()
 
     def _needs_graph(self) -> bool:
@@ -172,12 +180,20 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             return
         keep = self._needs_graph()
         stats = self.is_statistics_step() and self.estimator != "empirical"
-        self._linearized = None
-        if keep and self.comm is None and output.requires_grad:
-            # the quadratic model's J·v reuse this backward (DDP reduces .grad without a graph)
-            self._linearized = backward_with_pullback(loss, output, self._params())
-        else:
+        # the quadratic model's J·v reuse this backward (DDP reduces .grad without a graph)
+        pullback = keep and self.comm is None and output.requires_grad
+
+        def run() -> LinearizedOutput | None:
+            if pullback:
+                return backward_with_pullback(loss, output, self._params())
             loss.backward(retain_graph=keep or stats)
+            return None
+
+        if self._uses_gradient_factors():
+            params = {i: self.block_params[i] for i in self.adapters}
+            self._linearized, self._factors = record_backward(run, loss, self.adapters, params, self.capture)
+        else:
+            self._linearized = run()
         if keep and self._linearized is None:
             self._linearized = LinearizedOutput(output, self._params())
         self._pending = (output, loss.detach())
@@ -292,6 +308,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         self._pending = None
         self._linearized = None
         self._stats_batch = None
+        self._factors = None
         self.capture.clear()
         self._arm()
 

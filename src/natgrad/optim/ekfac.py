@@ -34,6 +34,9 @@ class EKFAC(KFAC):
             )
         super().__init__(model, *args, sharding=sharding, **kwargs)
 
+    def _uses_gradient_factors(self) -> bool:
+        return False  # Q_G (Q_Gᵀ ∇M Q_A / s) Q_Aᵀ has full-size products whatever the form of ∇M
+
     def _update_statistics(self, batch: BatchData) -> None:
         super()._update_statistics(batch)
         if self._is_refresh_step():

@@ -5,7 +5,10 @@ see :mod:`natgrad.statistics`), refreshed every ``Schedule.stat_every`` steps; e
 ``Schedule.inverse_every`` steps either the factored-damped inverses
 (A + π√λ' I)⁻¹, (G + √λ'/π I)⁻¹ (π = √((tr A / dim A)/(tr G / dim G))) or the eigendecompositions
 (for exact damping) are recomputed. The direction of a layer with gradient matrix ∇M is
-Δ = (G + ·)⁻¹ ∇M (A + ·)⁻¹, or Q_G[(Q_Gᵀ∇M Q_A)/(λ_G λ_Aᵀ + λ')]Q_Aᵀ.
+Δ = (G + ·)⁻¹ ∇M (A + ·)⁻¹, or Q_G[(Q_Gᵀ∇M Q_A)/(λ_G λ_Aᵀ + λ')]Q_Aᵀ. With factored damping,
+a layer whose ``.grad`` is provably the batch product ∇M = gᵀā of R rows is preconditioned as
+((G + ·)⁻¹gᵀ)(ā(A + ·)⁻¹) when that is cheaper (small batches on wide layers, Martens & Grosse
+§8; :mod:`natgrad.optim.gradient_factors` says when it is exact).
 
 Distributed (as KAISA, Pauloski et al. 2021): the factor sums are all-reduced on statistics
 steps only, in bucketed calls with the symmetric factors as upper triangles. Each layer's
@@ -241,6 +244,20 @@ class KFAC(CurvatureOptimizer):
         state["A_inv"] = damped_inverse(a, pi * gamma)
         state["G_inv"] = damped_inverse(g, gamma / pi)
 
+    def _uses_gradient_factors(self) -> bool:
+        return self.comm is None and self.damping_policy.mode == "factored"
+
+    def _gradient_rows(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """(g, ā) of the layers whose ``.grad`` is exactly gᵀā and cheaper to precondition so."""
+        if self._factors is None:
+            return {}
+        return self._factors.rows(lambda i: float(self._group_of(self.block_params[i][0])["weight_decay"]))
+
+    def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
+        """G⁻¹ ∇M A⁻¹ = (G⁻¹ gᵀ)(ā A⁻¹) for ∇M = gᵀā, g ``[G, R, O]``, ā ``[G, R, D]``."""
+        state = self._layer_state(i)
+        return (state["G_inv"] @ grads.mT) @ right_multiply(inputs, state["A_inv"], self.adapters[i].has_bias)
+
     def _layer_direction(self, i: int, matrix: Tensor) -> Tensor:
         state = self._layer_state(i)
         if self.damping_policy.mode == "eigen":
@@ -254,13 +271,16 @@ class KFAC(CurvatureOptimizer):
         pieces = []
         split = self.comm is not None and self.sharding == "gradients"
         owned = set(self._owned()) if split else set(self.adapters)
+        rows = self._gradient_rows()
         for i, block in enumerate(self.blocks):
             grad = grads[block.slice]
             if i in self.adapters:
                 adapter = self.adapters[i]
                 if "A" not in self._layer_state(i):
                     raise RuntimeError("no curvature statistics yet: the first step must be a statistics step")
-                if i in owned:
+                if i in rows:
+                    pieces.append(adapter.from_matrix(self._factored_direction(i, *rows[i])))
+                elif i in owned:
                     pieces.append(adapter.from_matrix(self._layer_direction(i, adapter.to_matrix(grad))))
                 else:
                     pieces.append(torch.zeros_like(grad))

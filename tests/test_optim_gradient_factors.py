@@ -1,0 +1,209 @@
+"""K-FAC's factored-gradient preconditioning (natgrad.optim.gradient_factors) against the
+reference K-FAC direction of tests/test_optim_helpers.py (float64, no natgrad).
+
+When a layer's ``.grad`` is exactly gᵀā (the loss's output gradients times the inputs, one
+use of the layer, nothing added or changed), K-FAC computes G⁻¹∇M A⁻¹ as (G⁻¹gᵀ)(āA⁻¹). The
+tests check (1) that path is taken on small batches and gives the reference direction of the
+gradient, (2) every way ``.grad`` can differ from gᵀā — a regulariser, accumulation, clipping,
+reassignment, a gradient hook, weight decay — falls back to preconditioning ``.grad`` itself,
+and the step is then the reference direction of the gradient ``step()`` actually saw.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import helpers as H
+import reference as ref
+from test_optim_helpers import data, factored_direction, flat_params, grad_of, mlp, nll, optim
+
+LAM, LR = 0.05, 0.1
+SIZES = (12, 16, 10)  # batch 3: R(O² + D² + OD) < OD(O + D) on both layers
+
+
+@pytest.fixture
+def factored_calls(monkeypatch):
+    """Counts the layers preconditioned through their gradient factors."""
+    from natgrad.optim.kfac import KFAC
+
+    calls = []
+    original = KFAC._factored_direction
+
+    def spy(self, i, grads, inputs):
+        calls.append(i)
+        return original(self, i, grads, inputs)
+
+    monkeypatch.setattr(KFAC, "_factored_direction", spy)
+    return calls
+
+
+def make_opt(model, **kw):
+    O = optim()
+    step_policy = kw.pop("step_policy", O.StepPolicy(rescale="none", momentum=0.0))
+    return O.KFAC(model, lr=LR, damping=LAM, estimator="exact", schedule=O.Schedule(decay=0.0),
+                  step_policy=step_policy, **kw)
+
+
+def run_step(opt, model, x, y, after_backward=None, extra_loss=None):
+    """One documented step; returns (θ change / lr, the flat .grad that step() saw)."""
+    before = flat_params(model)
+    opt.zero_grad()
+    out = model(x)
+    loss = nll(out, y)
+    if extra_loss is not None:
+        loss = loss + extra_loss(model)
+    opt.backward(loss, out)
+    if after_backward is not None:
+        after_backward(model)
+    seen = torch.cat([p.grad.reshape(-1) for _, p in ref.trainable(model)]).clone()
+    opt.step()
+    return (before - flat_params(model)) / LR, seen
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rescale", ["none", "quadratic"])
+def test_factored_path_gives_the_reference_direction(factored_calls, bias, rescale):
+    O = optim()
+    model = mlp(0, SIZES)
+    if not bias:
+        model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False).double()
+                                if isinstance(m, nn.Linear) else m for m in model])
+    x, y = data(model, 3)
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    expected = factored_direction(model, grad_of(model, x, y), factors, LAM)
+    if rescale == "none":
+        change, _ = run_step(make_opt(model), model, x, y)
+        H.assert_rel_close(change, expected, 1e-9, "factored K-FAC direction")
+    else:  # the quadratic model rescales Δ: the step is parallel to it
+        opt = make_opt(model, step_policy=O.StepPolicy(kl_clip=1e6))
+        change, _ = run_step(opt, model, x, y)
+        coeff = float(change @ expected / (expected @ expected))
+        H.assert_rel_close(change, coeff * expected, 1e-9, "quadratic-model step along the K-FAC direction")
+    assert sorted(factored_calls) == [0, 1]
+
+
+def test_large_batch_keeps_the_matrix_product(factored_calls):
+    model = mlp(1, SIZES)
+    x, y = data(model, 64)
+    expected = factored_direction(model, grad_of(model, x, y), ref.kfac_factors(model, x, y, "categorical", "exact"), LAM)
+    change, _ = run_step(make_opt(model), model, x, y)
+    H.assert_rel_close(change, expected, 1e-9, "batch 64")
+    assert factored_calls == []
+
+
+def _regulariser(model):
+    return 0.3 * sum((p**2).sum() for p in model.parameters())
+
+
+def _scale_first_weight_grad(model):
+    model[0].weight.grad.mul_(0.5)
+
+
+def _reassign_grads(model):
+    for p in model.parameters():
+        p.grad = p.grad * 2.0
+
+
+def _clip(model):
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+
+CASES = {
+    "regulariser in the loss": dict(extra_loss=_regulariser),
+    ".grad scaled in place": dict(after_backward=_scale_first_weight_grad),
+    ".grad reassigned": dict(after_backward=_reassign_grads),
+    "clip_grad_norm_": dict(after_backward=_clip),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradient_that_is_not_the_factored_product_is_preconditioned_itself(factored_calls, case):
+    model = mlp(2, SIZES)
+    x, y = data(model, 3)
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    grad = grad_of(model, x, y)
+    change, seen = run_step(make_opt(model), model, x, y, **CASES[case])
+    assert H.rel_err(seen, grad) > 1e-3  # the case really changes the gradient
+    H.assert_rel_close(change, factored_direction(model, seen, factors, LAM), 1e-9, case)
+    touched = {"regulariser in the loss": [], ".grad scaled in place": [1], ".grad reassigned": [],
+               "clip_grad_norm_": []}[case]
+    assert sorted(factored_calls) == touched  # only layers whose .grad stayed gᵀā
+
+
+def test_accumulated_gradient_is_preconditioned_itself(factored_calls):
+    model = mlp(3, SIZES)
+    x, y = data(model, 3)
+    opt = make_opt(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)  # left from an earlier backward: opt.backward adds to it
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    grad = grad_of(model, x, y)
+    before = flat_params(model)
+    out = model(x)
+    opt.backward(nll(out, y), out)
+    seen = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+    opt.step()
+    H.assert_rel_close(seen, grad + 0.01, 1e-12, "accumulated gradient")
+    H.assert_rel_close((before - flat_params(model)) / LR, factored_direction(model, seen, factors, LAM), 1e-9,
+                       "accumulated")
+    assert factored_calls == []
+
+
+def test_gradient_hook_falls_back_for_its_layer(factored_calls):
+    model = mlp(4, SIZES)
+    x, y = data(model, 3)
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    grad = grad_of(model, x, y)
+    handle = model[2].weight.register_hook(lambda g: 3.0 * g)
+    try:
+        change, seen = run_step(make_opt(model), model, x, y)
+    finally:
+        handle.remove()
+    assert H.rel_err(seen, grad) > 1e-3
+    H.assert_rel_close(change, factored_direction(model, seen, factors, LAM), 1e-9, "hooked weight")
+    assert factored_calls == [0]
+
+
+def test_weight_decay_falls_back(factored_calls):
+    O = optim()
+    model = mlp(6, SIZES)
+    x, y = data(model, 3)
+    eta = 0.1
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    theta = flat_params(model)
+    opt = make_opt(model, step_policy=O.StepPolicy(rescale="none", momentum=0.0, weight_decay=eta))
+    change, seen = run_step(opt, model, x, y)
+    H.assert_rel_close(change, factored_direction(model, seen + eta * theta, factors, LAM + eta), 1e-9,
+                       "weight decay")
+    assert factored_calls == []
+
+
+def test_linear_on_sequences_factored_equals_matrix_path(factored_calls):
+    """Extra leading dimensions (T positions per example): R = N·T rows. A zero-weight
+    regulariser (an extra graph edge) forces the matrix path on the same gradient."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 10), nn.Flatten()).double()
+    clone = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 10), nn.Flatten()).double()
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    y = torch.randn(2, 30, dtype=torch.float64)
+    O = optim()
+
+    def step(net, extra):
+        opt = O.KFAC(net, lr=LR, damping=LAM, likelihood="gaussian", estimator="exact", schedule=O.Schedule(decay=0.0),
+                     step_policy=O.StepPolicy(rescale="none", momentum=0.0))
+        before = flat_params(net)
+        out = net(x)
+        loss = nll(out, y, "gaussian") + extra(net)
+        opt.backward(loss, out)
+        opt.step()
+        return before - flat_params(net)
+
+    fast = step(model, lambda net: 0.0)
+    assert sorted(factored_calls) == [0, 1]
+    factored_calls.clear()
+    slow = step(clone, lambda net: 0.0 * sum(p.sum() for p in net.parameters()))
+    assert factored_calls == []
+    H.assert_rel_close(fast, slow, 1e-10, "factored vs matrix path, sequence inputs")
