@@ -130,8 +130,8 @@ def flops(method: Method, n: int) -> dict:
         fwd_bwd += 3 * n * i * o
         mc_backprop += n * i * o if i != LAYERS[0][0] else 0  # input grads of the extra backward
         quad += 2 * n * i * o  # a JVP (forward-mode) for F·Δ and F·δ0: ~1 forward each
-        if method.kind == "kfac":
-            precond += o * o * d + o * d * d
+        if method.kind == "kfac":  # the cheaper of G⁻¹(∇M A⁻¹) and (G⁻¹gᵀ)(āA⁻¹), as K-FAC picks
+            precond += min(o * o * d + o * d * d, n * (o * o + d * d + o * d))
             stats += (rows * d * d + rows * o * o) / method.stat_every
         else:  # ekfac: four basis products; factors + projections + squared scales
             precond += 2 * (o * o * d + o * d * d)

@@ -21,7 +21,8 @@ the SGD step from the same rounds. Per-step clocks within the periods also give 
 (no-refresh) step and the refresh step.
 
 FLOP floor (multiply-adds x 2), per Linear layer with in=I, out=O, D=I+1, batch N:
-forward+backward 3 N I O; preconditioning O^2 D + O D^2 (two matmuls); statistics N D^2 +
+forward+backward 3 N I O; preconditioning O^2 D + O D^2 (two matmuls; for K-FAC the smaller of
+that and N(O^2 + D^2 + O D), the factored form (G⁻¹gᵀ)(āA⁻¹) it uses when cheaper); statistics N D^2 +
 N O^2 per statistics step (N → ⌈τ₁ N⌉ with stat_fraction; /stat_every amortised); inverses D^3 + O^3 per refresh
 (/inverse_every amortised). ``floor_ratio`` = floor / SGD FLOPs (SGD = forward+backward) is the
 best ratio any implementation could reach if it ran at the SGD step's FLOP rate;
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
             "model": "Linear(784,512)-Tanh-Linear(512,256)-ReLU-Linear(256,10)",
             "n_params": sum(p.numel() for p in build_model().parameters()),
             "flops_note": "FLOPs = 2 x multiply-adds; floor = fwd+bwd (3NIO) + preconditioning "
-                          "(O^2 D + O D^2) + statistics (N D^2 + N O^2)/stat_every + inverses "
+                          "(O^2 D + O D^2; K-FAC: min with N(O^2 + D^2 + O D)) + statistics (N D^2 + N O^2)/stat_every + inverses "
                           "(D^3 + O^3)/inverse_every, summed over layers, D = I+1",
         },
         "batches": {}, "cases": [],
