@@ -207,3 +207,21 @@ def test_linear_on_sequences_factored_equals_matrix_path(factored_calls):
     slow = step(clone, lambda net: 0.0 * sum(p.sum() for p in net.parameters()))
     assert factored_calls == []
     H.assert_rel_close(fast, slow, 1e-10, "factored vs matrix path, sequence inputs")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_convolution_with_few_positions_is_factored_exactly(factored_calls, groups):
+    """A Conv2d whose R = N·(output positions) is small next to its matrix: the factored path,
+    with patches as ā, against the reference K-FAC direction."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(8, 16, 2, groups=groups), nn.Tanh(), nn.Flatten(), nn.Linear(64, 10)).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)  # 2×2 output positions: R = 8
+    if groups == 2:  # 8 outputs × 17 inputs per group: only 1 position (R = 2) is cheaper factored
+        model[3] = nn.Linear(16, 10).double()
+        x = x[..., :2, :2]
+    y = torch.randint(0, 10, (2,))
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    expected = factored_direction(model, grad_of(model, x, y), factors, LAM)
+    change, _ = run_step(make_opt(model), model, x, y)
+    H.assert_rel_close(change, expected, 1e-9, f"conv groups={groups}")
+    assert sorted(factored_calls) == [0, 1]

@@ -192,6 +192,8 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         if self._uses_gradient_factors():
             params = {i: self.block_params[i] for i in self.adapters}
             self._linearized, self._factors = record_backward(run, loss, self.adapters, params, self.capture)
+            if not (self.is_statistics_step() and self.estimator == "empirical"):
+                self.capture.grad_outputs.clear()  # the record keeps what it needs
         else:
             self._linearized = run()
         if keep and self._linearized is None:

@@ -71,19 +71,17 @@ class FactorRecord:
     adapters: dict[int, LayerAdapter]
     params: dict[int, list[Tensor]]
     inputs: dict[int, Tensor]  # h [N, *, in] as the module received it
-    grads: dict[int, Tensor]  # ∂loss/∂output, the module output's shape
+    grads: dict[int, Tensor]  # ∂loss/∂output, the module output's shape (cheaper layers only)
     marks: dict[int, list[tuple[int, int]]]  # (id(.grad), version) right after the backward
 
     def rows(self, weight_decay_of: Callable[[int], float]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Per layer still exact and cheaper factored: (g ``[G, R, O]``, ā ``[G, R, D]``)."""
+        """Per recorded layer still exact: (g ``[G, R, O]``, ā ``[G, R, D]``)."""
         out = {}
         for i, adapter in self.adapters.items():
             if weight_decay_of(i) != 0 or self.marks[i] != _marks(self.params[i]):
                 continue
             g, o, d = adapter.matrix_shape
             grads = adapter.output_grads(self.grads[i])  # [N, T, G, O]
-            if not factored_cost_is_lower(grads.shape[0] * grads.shape[1], o, d):
-                continue
             inputs = adapter.homogeneous(adapter.layer_inputs(self.inputs[i]))  # [N, T, G, D]
             out[i] = (grads.reshape(-1, g, o).transpose(0, 1), inputs.reshape(-1, g, d).transpose(0, 1))
         return out
@@ -104,7 +102,7 @@ def record_backward(
 ) -> tuple[object, FactorRecord]:
     """Run ``backward()`` (the loss's backward, with ``capture`` recording the adapter layers'
     inputs and output gradients) and return its result with the record of the layers whose
-    gradient it leaves exactly factored."""
+    gradient it leaves exactly factored and for which that form is the cheaper one."""
     fresh = {i: all(p.grad is None for p in params[i]) for i in adapters}
     nodes, uses = graph_of(loss) if any(fresh.values()) else (set(), {})
     candidates = {}
@@ -124,6 +122,9 @@ def record_backward(
         grad = capture.grad_outputs.get(adapter.name)
         marks = _marks(params[i])
         if grad is None or marks is None:
+            continue
+        rows = grad.numel() // adapter.out_features  # N·T
+        if not factored_cost_is_lower(rows, *adapter.matrix_shape[1:]):
             continue
         record.adapters[i] = adapter
         record.params[i] = params[i]
