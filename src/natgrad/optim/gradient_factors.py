@@ -72,13 +72,13 @@ class FactorRecord:
     params: dict[int, list[Tensor]]
     inputs: dict[int, Tensor]  # h [N, *, in] as the module received it
     grads: dict[int, Tensor]  # ∂loss/∂output, the module output's shape (cheaper layers only)
-    marks: dict[int, list[tuple[int, int]]]  # (id(.grad), version) right after the backward
+    marks: dict[int, list[tuple[Tensor, int]]]  # (.grad, its version) right after the backward
 
     def rows(self, weight_decay_of: Callable[[int], float]) -> dict[int, tuple[Tensor, Tensor]]:
         """Per recorded layer still exact: (g ``[G, R, O]``, ā ``[G, R, D]``)."""
         out = {}
         for i, adapter in self.adapters.items():
-            if weight_decay_of(i) != 0 or self.marks[i] != _marks(self.params[i]):
+            if weight_decay_of(i) != 0 or not _unchanged(self.params[i], self.marks[i]):
                 continue
             g, o, d = adapter.matrix_shape
             grads = adapter.output_grads(self.grads[i])  # [N, T, G, O]
@@ -87,10 +87,16 @@ class FactorRecord:
         return out
 
 
-def _marks(params: list[Tensor]) -> list[tuple[int, int]] | None:
+def _marks(params: list[Tensor]) -> list[tuple[Tensor, int]] | None:
+    """Each ``.grad`` with its version counter (the reference keeps the object alive, so an
+    identity check cannot be fooled by a new tensor at a freed address)."""
     if any(p.grad is None for p in params):
         return None
-    return [(id(p.grad), p.grad._version) for p in params]
+    return [(p.grad, p.grad._version) for p in params]
+
+
+def _unchanged(params: list[Tensor], marks: list[tuple[Tensor, int]]) -> bool:
+    return all(p.grad is grad and p.grad._version == version for p, (grad, version) in zip(params, marks))
 
 
 def record_backward(
