@@ -140,12 +140,14 @@ def test_flop_floor_by_hand():
     import optim_bench as B
 
     f = B.flops(B.METHODS_BY_NAME["kfac"], 256)
-    macs = 0
+    macs = saved = 0
     for i, o in [(784, 512), (512, 256), (256, 10)]:
         d = i + 1
-        full, factored = o * o * d + o * d * d, 256 * (o * o + d * d + o * d)  # layer 1: factored is cheaper
-        macs += 3 * 256 * i * o + min(full, factored) + 256 * (d * d + o * o) + (d**3 + o**3) / 10
+        full, factored = o * o * d + o * d * d, 256 * (o * o + d * d + o * d)
+        macs += 3 * 256 * i * o + full + 256 * (d * d + o * o) + (d**3 + o**3) / 10
+        saved += max(0, full - factored)  # layer 1 only: the factored form is cheaper there
     assert math.isclose(f["floor"], 2 * macs, rel_tol=1e-12)
+    assert saved > 0 and math.isclose(f["floor_factored"], 2 * (macs - saved), rel_tol=1e-12)
     assert math.isclose(f["sgd"], 2 * 3 * 256 * (784 * 512 + 512 * 256 + 256 * 10), rel_tol=1e-12)
 
 
