@@ -130,10 +130,10 @@ def flops(method: Method, n: int) -> dict:
         fwd_bwd += 3 * n * i * o
         mc_backprop += n * i * o if i != LAYERS[0][0] else 0  # input grads of the extra backward
         quad += 2 * n * i * o  # a JVP (forward-mode) for F·Δ and F·δ0: ~1 forward each
+        # K-FAC uses (G⁻¹gᵀ)(āA⁻¹), EKFAC (gQ_G)ᵀ(āQ_A) for its projection, where that is cheaper
+        factored_saving += max(0.0, o * o * d + o * d * d - n * (o * o + d * d + o * d))
         if method.kind == "kfac":
             precond += o * o * d + o * d * d
-            # K-FAC uses (G⁻¹gᵀ)(āA⁻¹) instead where that is cheaper (small batch, wide layer)
-            factored_saving += max(0.0, o * o * d + o * d * d - n * (o * o + d * d + o * d))
             stats += (rows * d * d + rows * o * o) / method.stat_every
         else:  # ekfac: four basis products; factors + projections + squared scales
             precond += 2 * (o * o * d + o * d * d)

@@ -26,8 +26,9 @@ N O^2 per statistics step (N → ⌈τ₁ N⌉ with stat_fraction; /stat_every a
 (/inverse_every amortised). ``floor_ratio`` = floor / SGD FLOPs (SGD = forward+backward) is the
 best ratio any implementation could reach if it ran at the SGD step's FLOP rate;
 ``vs_floor`` = measured ratio / floor_ratio. K-FAC preconditions a layer as (G⁻¹gᵀ)(āA⁻¹),
-N(O^2 + D^2 + O D), where that is cheaper than the two matmuls: ``floor_factored_ratio`` (JSON
-and a table column) is the floor with that form, a floor of what K-FAC actually computes. Not in the floor (listed in the JSON, info): the
+N(O^2 + D^2 + O D), where that is cheaper than the two matmuls (EKFAC its projection into the
+eigenbasis, (gQ_G)ᵀ(āQ_A)): ``floor_factored_ratio`` (JSON and a table column) is the floor with
+that form, a floor of what they actually compute. Not in the floor (listed in the JSON, info): the
 Monte-Carlo Fisher backprop of the default estimator and the exact-Fisher quadratic model of
 the default ``rescale="quadratic"``.
 

@@ -6,7 +6,8 @@ use of the layer, nothing added or changed), K-FAC computes G⁻¹∇M A⁻¹ as
 tests check (1) that path is taken on small batches and gives the reference direction of the
 gradient, (2) every way ``.grad`` can differ from gᵀā — a regulariser, accumulation, clipping,
 reassignment, a gradient hook, weight decay — falls back to preconditioning ``.grad`` itself,
-and the step is then the reference direction of the gradient ``step()`` actually saw.
+and the step is then the reference direction of the gradient ``step()`` actually saw; (3) EKFAC's
+projection (gQ_G)ᵀ(āQ_A) against the dense EKFAC reference.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ LAM, LR = 0.05, 0.1
 SIZES = (12, 16, 10)  # batch 3: R(O² + D² + OD) < OD(O + D) on both layers
 
 
-@pytest.fixture
-def factored_calls(monkeypatch):
-    """Counts the layers preconditioned through their gradient factors."""
-    from natgrad.optim.kfac import KFAC
-
+def spy_on(monkeypatch, cls):
+    """Counts the layers ``cls`` preconditions through their gradient factors."""
     calls = []
-    original = KFAC._factored_direction
+    original = cls._factored_direction
 
     def spy(self, i, grads, inputs):
         calls.append(i)
         return original(self, i, grads, inputs)
 
-    monkeypatch.setattr(KFAC, "_factored_direction", spy)
+    monkeypatch.setattr(cls, "_factored_direction", spy)
     return calls
+
+
+@pytest.fixture
+def factored_calls(monkeypatch):
+    return spy_on(monkeypatch, optim().KFAC)
 
 
 def make_opt(model, **kw):
@@ -225,3 +228,20 @@ def test_convolution_with_few_positions_is_factored_exactly(factored_calls, grou
     change, _ = run_step(make_opt(model), model, x, y)
     H.assert_rel_close(change, expected, 1e-9, f"conv groups={groups}")
     assert sorted(factored_calls) == [0, 1]
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_ekfac_factored_projection_gives_the_dense_reference(monkeypatch, estimator):
+    """EKFAC projects ∇M = gᵀā into its eigenbasis as (gQ_G)ᵀ(āQ_A): the step is still
+    (E + λI)⁻¹∇L with E the dense EKFAC matrix of tests/reference.py."""
+    O = optim()
+    calls = spy_on(monkeypatch, O.EKFAC)
+    model = mlp(8, SIZES)
+    x, y = data(model, 3)
+    E, _ = ref.ekfac_dense(model, x, y, "categorical", estimator)
+    expected = torch.linalg.solve(E + LAM * torch.eye(E.shape[0], dtype=torch.float64), grad_of(model, x, y))
+    opt = O.EKFAC(model, lr=LR, damping=LAM, estimator=estimator, schedule=O.Schedule(decay=0.0),
+                  step_policy=O.StepPolicy(rescale="none", momentum=0.0))
+    change, _ = run_step(opt, model, x, y)
+    H.assert_rel_close(change, expected, 1e-8, f"EKFAC factored ({estimator})")
+    assert sorted(calls) == [0, 1]

@@ -4,7 +4,9 @@ Every ``inverse_every`` steps the eigenbases Q_A, Q_G of the running K-FAC facto
 recomputed; on every statistics step the scales s = E[(Q_Gᵀ Γ_nk Q_A)²] are measured from the
 per-example gradients of that step *in the current basis* — basis first, then rescaling (a
 running average within one basis, restarted when the basis changes). The direction is
-Q_G [(Q_Gᵀ ∇M Q_A) / (s + λ')] Q_Aᵀ: damping is exact in the eigenbasis.
+Q_G [(Q_Gᵀ ∇M Q_A) / (s + λ')] Q_Aᵀ: damping is exact in the eigenbasis. When ``.grad`` is
+provably the batch product gᵀā (:mod:`natgrad.optim.gradient_factors`) and it is cheaper, the
+projection is computed as (g Q_G)ᵀ(ā Q_A).
 
 Distributed: the eigendecompositions are computed on each layer's owner rank and broadcast
 (every rank needs the bases to project its own per-example gradients), and the scales' sums
@@ -35,7 +37,15 @@ class EKFAC(KFAC):
         super().__init__(model, *args, sharding=sharding, **kwargs)
 
     def _uses_gradient_factors(self) -> bool:
-        return False  # Q_G (Q_Gᵀ ∇M Q_A / s) Q_Aᵀ has full-size products whatever the form of ∇M
+        return self.comm is None  # damping is exact in the eigenbasis whatever damping_policy.mode says
+
+    def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
+        """For ∇M = gᵀā the projection Q_Gᵀ ∇M Q_A is (g Q_G)ᵀ(ā Q_A), R(O² + D² + OD)
+        multiply-adds instead of O D(O + D); the way back to the parameters is unchanged."""
+        state = self._layer_state(i)
+        basis_a, basis_g = state["Q_A"], state["Q_G"]
+        projected = (grads @ basis_g).mT @ (inputs @ basis_a)
+        return basis_g @ (projected / (state["scales"] + self.damping_of(i))) @ basis_a.mT
 
     def _update_statistics(self, batch: BatchData) -> None:
         super()._update_statistics(batch)

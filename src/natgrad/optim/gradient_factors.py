@@ -1,4 +1,4 @@
-"""A layer's gradient in factored form, for a cheaper K-FAC preconditioning (Martens & Grosse §8).
+"""A layer's gradient in factored form, for a cheaper K-FAC/EKFAC preconditioning (Martens & Grosse §8).
 
 A layer's gradient over a batch is a sum of R = N·T outer products (T uses per example):
 ∇M = Σ_r g_r ā_rᵀ = gᵀ ā per group, with g ``[R, O]`` the loss's gradients at the layer output
