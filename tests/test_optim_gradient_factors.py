@@ -18,7 +18,7 @@ from torch import nn
 
 import helpers as H
 import reference as ref
-from test_optim_helpers import data, factored_direction, flat_params, grad_of, mlp, nll, optim
+from test_optim_helpers import data, eigen_direction, factored_direction, flat_params, grad_of, mlp, nll, optim
 
 LAM, LR = 0.05, 0.1
 SIZES = (12, 16, 10)  # batch 3: R(O² + D² + OD) < OD(O + D) on both layers
@@ -245,3 +245,14 @@ def test_ekfac_factored_projection_gives_the_dense_reference(monkeypatch, estima
     change, _ = run_step(opt, model, x, y)
     H.assert_rel_close(change, expected, 1e-8, f"EKFAC factored ({estimator})")
     assert sorted(calls) == [0, 1]
+
+
+def test_eigenbasis_damping_projects_the_factors(factored_calls):
+    O = optim()
+    model = mlp(9, SIZES)
+    x, y = data(model, 3)
+    factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+    expected = eigen_direction(model, grad_of(model, x, y), factors, LAM)
+    change, _ = run_step(make_opt(model, damping_policy=O.DampingPolicy(mode="eigen")), model, x, y)
+    H.assert_rel_close(change, expected, 1e-9, "eigenbasis damping, factored projection")
+    assert sorted(factored_calls) == [0, 1]

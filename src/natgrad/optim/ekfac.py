@@ -36,9 +36,6 @@ class EKFAC(KFAC):
             )
         super().__init__(model, *args, sharding=sharding, **kwargs)
 
-    def _uses_gradient_factors(self) -> bool:
-        return self.comm is None  # damping is exact in the eigenbasis whatever damping_policy.mode says
-
     def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
         """For ∇M = gᵀā the projection Q_Gᵀ ∇M Q_A is (g Q_G)ᵀ(ā Q_A), R(O² + D² + OD)
         multiply-adds instead of O D(O + D); the way back to the parameters is unchanged."""

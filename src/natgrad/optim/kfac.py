@@ -5,9 +5,9 @@ see :mod:`natgrad.statistics`), refreshed every ``Schedule.stat_every`` steps; e
 ``Schedule.inverse_every`` steps either the factored-damped inverses
 (A + π√λ' I)⁻¹, (G + √λ'/π I)⁻¹ (π = √((tr A / dim A)/(tr G / dim G))) or the eigendecompositions
 (for exact damping) are recomputed. The direction of a layer with gradient matrix ∇M is
-Δ = (G + ·)⁻¹ ∇M (A + ·)⁻¹, or Q_G[(Q_Gᵀ∇M Q_A)/(λ_G λ_Aᵀ + λ')]Q_Aᵀ. With factored damping,
-a layer whose ``.grad`` is provably the batch product ∇M = gᵀā of R rows is preconditioned as
-((G + ·)⁻¹gᵀ)(ā(A + ·)⁻¹) when that is cheaper (small batches on wide layers, Martens & Grosse
+Δ = (G + ·)⁻¹ ∇M (A + ·)⁻¹, or Q_G[(Q_Gᵀ∇M Q_A)/(λ_G λ_Aᵀ + λ')]Q_Aᵀ. A layer whose ``.grad``
+is provably the batch product ∇M = gᵀā of R rows is preconditioned as ((G + ·)⁻¹gᵀ)(ā(A + ·)⁻¹)
+(or projected as (g Q_G)ᵀ(ā Q_A)) when that is cheaper (small batches on wide layers, Martens & Grosse
 §8; :mod:`natgrad.optim.gradient_factors` says when it is exact).
 
 Distributed (as KAISA, Pauloski et al. 2021): the factor sums are all-reduced on statistics
@@ -246,7 +246,7 @@ class KFAC(CurvatureOptimizer):
         state["G_inv"] = damped_inverse(g, gamma / pi)
 
     def _uses_gradient_factors(self) -> bool:
-        return self.comm is None and self.damping_policy.mode == "factored"
+        return self.comm is None
 
     def _gradient_rows(self) -> dict[int, tuple[Tensor, Tensor]]:
         """(g, ā) of the layers whose ``.grad`` is exactly gᵀā and cheaper to precondition so."""
@@ -255,8 +255,14 @@ class KFAC(CurvatureOptimizer):
         return self._factors.rows(lambda i: float(self._group_of(self.block_params[i][0])["weight_decay"]))
 
     def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
-        """G⁻¹ ∇M A⁻¹ = (G⁻¹ gᵀ)(ā A⁻¹) for ∇M = gᵀā, g ``[G, R, O]``, ā ``[G, R, D]``."""
+        """G⁻¹ ∇M A⁻¹ = (G⁻¹ gᵀ)(ā A⁻¹) for ∇M = gᵀā, g ``[G, R, O]``, ā ``[G, R, D]``; with
+        eigenbasis damping the projection Q_Gᵀ ∇M Q_A = (g Q_G)ᵀ(ā Q_A)."""
         state = self._layer_state(i)
+        if self.damping_policy.mode == "eigen":
+            values_a, vectors_a = state["eig_A"]
+            values_g, vectors_g = state["eig_G"]
+            scale = values_g.unsqueeze(-1) * values_a.unsqueeze(-2) + self.damping_of(i)
+            return vectors_g @ (((grads @ vectors_g).mT @ (inputs @ vectors_a)) / scale) @ vectors_a.mT
         return (state["G_inv"] @ grads.mT) @ right_multiply(inputs, state["A_inv"], self.adapters[i].has_bias)
 
     def _layer_direction(self, i: int, matrix: Tensor) -> Tensor:
