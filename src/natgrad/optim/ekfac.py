@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..collect import BatchData
 from ..linalg import symmetric_eigh
 from ..statistics import eigenbasis_second_moments
-from .kfac import KFAC
+from .kfac import KFAC, LayerGradient, sandwich
 
 
 class EKFAC(KFAC):
@@ -35,14 +35,6 @@ class EKFAC(KFAC):
                 "eigenbasis to measure the scales of its own examples; use sharding='inverses'"
             )
         super().__init__(model, *args, sharding=sharding, **kwargs)
-
-    def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
-        """For ∇M = gᵀā the projection Q_Gᵀ ∇M Q_A is (g Q_G)ᵀ(ā Q_A), R(O² + D² + OD)
-        multiply-adds instead of O D(O + D); the way back to the parameters is unchanged."""
-        state = self._layer_state(i)
-        basis_a, basis_g = state["Q_A"], state["Q_G"]
-        projected = (grads @ basis_g).mT @ (inputs @ basis_a)
-        return basis_g @ (projected / (state["scales"] + self.damping_of(i))) @ basis_a.mT
 
     def _update_statistics(self, batch: BatchData) -> None:
         super()._update_statistics(batch)
@@ -78,7 +70,8 @@ class EKFAC(KFAC):
         for i in self._layer_owners():
             self._layer_state(i)["fresh_basis"] = True
 
-    def _layer_direction(self, i: int, matrix: Tensor) -> Tensor:
+    def _layer_direction(self, i: int, grad: LayerGradient) -> Tensor:
         state = self._layer_state(i)
         basis_a, basis_g = state["Q_A"], state["Q_G"]
-        return basis_g @ ((basis_g.mT @ matrix @ basis_a) / (state["scales"] + self.damping_of(i))) @ basis_a.mT
+        projected = sandwich(basis_g.mT, grad, basis_a, self.adapters[i].has_bias)
+        return basis_g @ (projected / (state["scales"] + self.damping_of(i))) @ basis_a.mT

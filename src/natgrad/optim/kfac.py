@@ -65,6 +65,18 @@ def right_multiply(matrix: Tensor, factor: Tensor, has_bias: bool) -> Tensor:
     return torch.cat([weight @ p + bias @ s, weight @ q + bias @ r], dim=-1)
 
 
+LayerGradient = Tensor | tuple[Tensor, Tensor]  # ∇M [G, O, D], or (g [G, R, O], ā [G, R, D]) with ∇M = gᵀā
+
+
+def sandwich(left: Tensor, grad: LayerGradient, right: Tensor, has_bias: bool) -> Tensor:
+    """left @ ∇M @ right per group. Given ∇M's factors, (left gᵀ)(ā right): R(O² + D² + OD)
+    multiply-adds instead of OD(O + D) (:mod:`natgrad.optim.gradient_factors` decides which)."""
+    if isinstance(grad, tuple):
+        g, a = grad
+        return (left @ g.mT) @ right_multiply(a, right, has_bias)
+    return left @ right_multiply(grad, right, has_bias)
+
+
 class KFAC(CurvatureOptimizer):
     """K-FAC optimizer. ``KFAC(model, likelihood=...)`` has working defaults.
 
@@ -254,25 +266,15 @@ class KFAC(CurvatureOptimizer):
             return {}
         return self._factors.rows(lambda i: float(self._group_of(self.block_params[i][0])["weight_decay"]))
 
-    def _factored_direction(self, i: int, grads: Tensor, inputs: Tensor) -> Tensor:
-        """G⁻¹ ∇M A⁻¹ = (G⁻¹ gᵀ)(ā A⁻¹) for ∇M = gᵀā, g ``[G, R, O]``, ā ``[G, R, D]``; with
-        eigenbasis damping the projection Q_Gᵀ ∇M Q_A = (g Q_G)ᵀ(ā Q_A)."""
+    def _layer_direction(self, i: int, grad: LayerGradient) -> Tensor:
         state = self._layer_state(i)
+        has_bias = self.adapters[i].has_bias
         if self.damping_policy.mode == "eigen":
             values_a, vectors_a = state["eig_A"]
             values_g, vectors_g = state["eig_G"]
             scale = values_g.unsqueeze(-1) * values_a.unsqueeze(-2) + self.damping_of(i)
-            return vectors_g @ (((grads @ vectors_g).mT @ (inputs @ vectors_a)) / scale) @ vectors_a.mT
-        return (state["G_inv"] @ grads.mT) @ right_multiply(inputs, state["A_inv"], self.adapters[i].has_bias)
-
-    def _layer_direction(self, i: int, matrix: Tensor) -> Tensor:
-        state = self._layer_state(i)
-        if self.damping_policy.mode == "eigen":
-            values_a, vectors_a = state["eig_A"]
-            values_g, vectors_g = state["eig_G"]
-            scale = values_g.unsqueeze(-1) * values_a.unsqueeze(-2) + self.damping_of(i)
-            return vectors_g @ ((vectors_g.mT @ matrix @ vectors_a) / scale) @ vectors_a.mT
-        return state["G_inv"] @ right_multiply(matrix, state["A_inv"], self.adapters[i].has_bias)
+            return vectors_g @ (sandwich(vectors_g.mT, grad, vectors_a, has_bias) / scale) @ vectors_a.mT
+        return sandwich(state["G_inv"], grad, state["A_inv"], has_bias)
 
     def _direction(self, grads: Tensor) -> Tensor:
         pieces = []
@@ -286,7 +288,7 @@ class KFAC(CurvatureOptimizer):
                 if "A" not in self._layer_state(i):
                     raise RuntimeError("no curvature statistics yet: the first step must be a statistics step")
                 if i in rows:
-                    pieces.append(adapter.from_matrix(self._factored_direction(i, *rows[i])))
+                    pieces.append(adapter.from_matrix(self._layer_direction(i, rows[i])))
                 elif i in owned:
                     pieces.append(adapter.from_matrix(self._layer_direction(i, adapter.to_matrix(grad))))
                 else:
