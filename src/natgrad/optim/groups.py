@@ -73,7 +73,10 @@ class ParamGroups:
             return None
         return self._per_param("weight_decay")
 
+    def weight_decay_of(self, block_index: int) -> float:
+        """η of the group owning block ``block_index``."""
+        return float(self._group_of(self.block_params[block_index][0])["weight_decay"])
+
     def damping_of(self, block_index: int) -> float:
         """λ + η of the group owning block ``block_index``."""
-        group = self._group_of(self.block_params[block_index][0])
-        return float(group["damping"]) + float(group["weight_decay"])
+        return float(self._group_of(self.block_params[block_index][0])["damping"]) + self.weight_decay_of(block_index)
