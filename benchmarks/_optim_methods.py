@@ -125,13 +125,16 @@ def flops(method: Method, n: int) -> dict:
     """FLOPs (2 x multiply-adds) per step, amortised, for batch ``n`` (module docstring)."""
     fwd_bwd = precond = stats = inverse = mc_backprop = quad = factored_saving = 0.0
     rows = math.ceil(n * method.stat_fraction)  # the examples that enter the statistics
+    # EKFAC's projection reuses the scale statistics' āQ_A when those cover every row of every step
+    inputs_known = method.kind == "ekfac" and method.stat_every == 1 and method.stat_fraction == 1
     for i, o in LAYERS:
         d = i + 1
         fwd_bwd += 3 * n * i * o
         mc_backprop += n * i * o if i != LAYERS[0][0] else 0  # input grads of the extra backward
         quad += 2 * n * i * o  # a JVP (forward-mode) for F·Δ and F·δ0: ~1 forward each
         # K-FAC uses (G⁻¹gᵀ)(āA⁻¹), EKFAC (gQ_G)ᵀ(āQ_A) for its projection, where that is cheaper
-        factored_saving += max(0.0, o * o * d + o * d * d - n * (o * o + d * d + o * d))
+        factored = n * (o * o + o * d + (0 if inputs_known else d * d))
+        factored_saving += max(0.0, o * o * d + o * d * d - factored)
         if method.kind == "kfac":
             precond += o * o * d + o * d * d
             stats += (rows * d * d + rows * o * o) / method.stat_every

@@ -151,6 +151,24 @@ def test_flop_floor_by_hand():
     assert math.isclose(f["sgd"], 2 * 3 * 256 * (784 * 512 + 512 * 256 + 256 * 10), rel_tol=1e-12)
 
 
+def test_ekfac_flop_floor_by_hand():
+    """EKFAC: the four basis products per layer; the factors, the projections and the squared
+    product of the scale statistics; eigendecompositions counted as d³ every 10 steps. Its
+    factored projection (gQ_G)ᵀ(āQ_A) takes āQ_A from the scale statistics: R(O² + OD)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import optim_bench as B
+
+    f = B.flops(B.METHODS_BY_NAME["ekfac"], 256)
+    macs = saved = 0
+    for i, o in [(784, 512), (512, 256), (256, 10)]:
+        d = i + 1
+        full = o * o * d + o * d * d
+        macs += 3 * 256 * i * o + 2 * full + 256 * (2 * d * d + 2 * o * o + o * d) + (d**3 + o**3) / 10
+        saved += max(0, full - 256 * (o * o + o * d))  # all three layers here
+    assert math.isclose(f["floor"], 2 * macs, rel_tol=1e-12)
+    assert math.isclose(f["floor_factored"], 2 * (macs - saved), rel_tol=1e-12)
+
+
 def test_table_on_stdout(quick_run):
     doc, stdout = quick_run
     assert "floor GFLOP" in stdout and "measured/floor" in stdout

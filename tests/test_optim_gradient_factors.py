@@ -25,14 +25,20 @@ LAM, LR = 0.05, 0.1
 SIZES = (12, 16, 10)  # batch 3: R(O² + D² + OD) < OD(O + D) on both layers
 
 
-def spy_on(monkeypatch, cls):
-    """Counts the layers ``cls`` preconditions through their gradient factors (g, ā)."""
+def spy_on(monkeypatch, cls, projected=None):
+    """Counts the layers ``cls`` preconditions through their gradient factors (g, ā), or (EKFAC)
+    through g and the inputs already projected for the scale statistics (also listed in
+    ``projected``, if given)."""
+    from natgrad.optim.ekfac import ProjectedRows
+
     calls = []
     original = cls._layer_direction
 
     def spy(self, i, grad):
-        if isinstance(grad, tuple):
+        if isinstance(grad, (tuple, ProjectedRows)):
             calls.append(i)
+        if projected is not None and isinstance(grad, ProjectedRows):
+            projected.append(i)
         return original(self, i, grad)
 
     monkeypatch.setattr(cls, "_layer_direction", spy)
@@ -228,7 +234,8 @@ def test_ekfac_factored_projection_gives_the_dense_reference(monkeypatch, estima
     """EKFAC projects ∇M = gᵀā into its eigenbasis as (gQ_G)ᵀ(āQ_A): the step is still
     (E + λI)⁻¹∇L with E the dense EKFAC matrix of tests/reference.py."""
     O = optim()
-    calls = spy_on(monkeypatch, O.EKFAC)
+    projected = []
+    calls = spy_on(monkeypatch, O.EKFAC, projected)
     model = mlp(8, SIZES)
     x, y = data(model, 3)
     E, _ = ref.ekfac_dense(model, x, y, "categorical", estimator)
@@ -238,6 +245,62 @@ def test_ekfac_factored_projection_gives_the_dense_reference(monkeypatch, estima
     change, _ = run_step(opt, model, x, y)
     H.assert_rel_close(change, expected, 1e-8, f"EKFAC factored ({estimator})")
     assert sorted(calls) == [0, 1]
+    assert sorted(projected) == [0, 1]  # ā Q_A of the scale statistics, reused
+
+
+def test_ekfac_statistics_of_a_subset_do_not_lend_their_projection(monkeypatch):
+    """stat_fraction ½: the scales come from the first 2 of 4 rows, the gradient from all 4, so
+    the statistics' ā Q_A cannot serve the projection; the step is still the dense reference's."""
+    O = optim()
+    projected = []
+    calls = spy_on(monkeypatch, O.EKFAC, projected)
+    model = mlp(12, SIZES)
+    x, y = data(model, 4)
+    E, _ = ref.ekfac_dense(model, x[:2], y[:2], "categorical", "exact")
+    expected = torch.linalg.solve(E + LAM * torch.eye(E.shape[0], dtype=torch.float64), grad_of(model, x, y))
+    opt = O.EKFAC(model, lr=LR, damping=LAM, estimator="exact", schedule=O.Schedule(decay=0.0, stat_fraction=0.5),
+                  step_policy=O.StepPolicy(rescale="none", momentum=0.0))
+    change, _ = run_step(opt, model, x, y)
+    H.assert_rel_close(change, expected, 1e-8, "EKFAC factored, statistics of 2 of 4 rows")
+    assert sorted(calls) == [0, 1] and projected == []
+
+
+def test_ekfac_projection_is_reused_only_within_its_step(monkeypatch):
+    """Full-batch training (the very same input tensor every step), stat_every=2, inverse_every=3:
+    only statistics steps precondition with the ā Q_A their scale statistics computed; the other
+    steps (step 3 refreshes the basis) project the gradient factors themselves. Every step is the
+    float64 reference's (as in tests/test_optim_ekfac.py). Only the first layer trains: its input
+    is x itself every step (a projection kept from an earlier step would pass an identity check
+    on the inputs), and its A, of rank 3 < 13, has x's span as its range, so the reference
+    direction does not depend on how eigh picks a basis of A's null space."""
+    from test_optim_helpers import bases_of, ekfac_direction, ekfac_scales
+
+    O = optim()
+    projected = []
+    calls = spy_on(monkeypatch, O.EKFAC, projected)
+    model = mlp(13, SIZES)
+    model[2].requires_grad_(False)
+    x, y = data(model, 3)
+    opt = O.EKFAC(model, lr=LR, damping=LAM, estimator="exact",
+                  schedule=O.Schedule(stat_every=2, inverse_every=3, decay=0.0),
+                  step_policy=O.StepPolicy(rescale="none", momentum=0.0))
+    factors = bases = scales = None
+    for k in range(6):
+        grad = grad_of(model, x, y)
+        if k % 2 == 0:
+            factors = ref.kfac_factors(model, x, y, "categorical", "exact")
+        if k in (0, 2):  # statistics + refresh
+            bases = bases_of(factors)
+        if k in (0, 2, 4):  # step 4: statistics in the basis of step 3 (step 2's factors)
+            scales = ekfac_scales(model, x, y, "categorical", "exact", bases)
+        del calls[:], projected[:]
+        change, _ = run_step(opt, model, x, y)
+        assert calls == [0], f"step {k}"  # the one trainable layer
+        assert projected == ([0] if k % 2 == 0 else []), f"step {k}"
+        if k == 1:
+            continue  # a refresh of unchanged factors; not specified further
+        expected = eigen_direction(model, grad, factors, LAM) if k == 3 else ekfac_direction(model, grad, bases, scales, LAM)
+        H.assert_rel_close(change, expected, 1e-8, f"step {k}")
 
 
 def test_eigenbasis_damping_projects_the_factors(factored_calls):

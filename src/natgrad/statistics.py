@@ -241,20 +241,28 @@ class StoredBuilder(_Builder):
         return EKFACFisher(self.blocks, operators, self.dtype, self.device)
 
 
-def eigenbasis_second_moments(layer: LayerData, basis_a: Tensor, basis_g: Tensor) -> Tensor:
+def projected_inputs(layer: LayerData, basis_a: Tensor) -> Tensor:
+    """ā Q_A [N, D] of a simple layer (one position, one group; ``basis_a`` [1, D, D]):
+    h Q_A[:D_in] + Q_A[D_in] (the bias row), so ā is never formed."""
+    h, q_a = layer.raw_inputs[:, 0, 0, :], basis_a[0]
+    return torch.addmm(q_a[-1], h, q_a[:-1]) if layer.adapter.has_bias else h @ q_a
+
+
+def eigenbasis_second_moments(layer: LayerData, basis_a: Tensor, basis_g: Tensor,
+                              projected: Tensor | None = None) -> Tensor:
     """Σ_{n,k} (Q_Gᵀ Γ_nk Q_A)² elementwise, [G, O, D]; Γ_nk = Σ_t g_nkt ā_ntᵀ.
 
     Simple layers (one position, one group): Σ_n (Σ_k (Q_Gᵀ g_nk)²) ((Q_Aᵀ ā_n)²)ᵀ, three matrix
-    products; ā Q_A = h Q_A[:D_in] + Q_A[D_in] (the bias row), so ā is never formed.
+    products, the first one :func:`projected_inputs` (pass it as ``projected`` if already computed).
     """
     if layer.simple:
-        h, q_a, q_g = layer.raw_inputs[:, 0, 0, :], basis_a[0], basis_g[0]
-        a = torch.addmm(q_a[-1], h, q_a[:-1]) if layer.adapter.has_bias else h @ q_a  # [N, D]
+        a = projected_inputs(layer, basis_a) if projected is None else projected  # [N, D]
+        q_g = basis_g[0]
         grads = layer.grads[:, :, 0, 0, :]  # [N, K, O], a view of a contiguous [K, N, O]
         g2 = (grads[:, 0] @ q_g).square_()
         for k in range(1, grads.shape[1]):
             g2.add_((grads[:, k] @ q_g).square_())
-        return (g2.T @ a.square_()).unsqueeze(0)
+        return (g2.T @ a.square()).unsqueeze(0)
     a = torch.einsum("ntgd,gde->ntge", layer.inputs, basis_a)
     g = torch.einsum("nktgo,gop->nktgp", layer.grads, basis_g)
     n, k = g.shape[:2]

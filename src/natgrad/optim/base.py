@@ -29,13 +29,14 @@ from torch import Tensor, nn
 from ..collect import BatchData, Collector, LayerData
 from ..distributed import Communicator, model_fingerprint, resolve_group, unwrap
 from ..estimators import backprop_vectors, check_estimator
+from ..layers.base import LayerAdapter
 from ..layout import Block, model_dtype_device, parameter_blocks
 from ..likelihoods import Likelihood, get_likelihood
 from ..linalg import check_damping
 from ..linearized import LinearizedOutput, backward_with_pullback
 from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
-from .gradient_factors import FactorRecord, record_backward
+from .gradient_factors import FactorRecord, factored_cost_is_lower, record_backward
 from .groups import ParamGroups, check_lr
 from .step_rules import StepRules
 
@@ -149,6 +150,10 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         :mod:`natgrad.optim.gradient_factors`); the capture then records every step."""
         return False
 
+    def _factored_is_cheaper(self, adapter: LayerAdapter, inputs: Tensor, rows: int) -> bool:
+        """Whether preconditioning a layer's gradient through its R = ``rows`` factors costs less."""
+        return factored_cost_is_lower(rows, *adapter.matrix_shape[1:])
+
     def _arm(self) -> None:
         stats = self.is_statistics_step()
         factors = self._uses_gradient_factors()
@@ -191,7 +196,9 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
 
         if self._uses_gradient_factors():
             params = {i: self.block_params[i] for i in self.adapters}
-            self._linearized, self._factors = record_backward(run, loss, self.adapters, params, self.capture)
+            self._linearized, self._factors = record_backward(
+                run, loss, self.adapters, params, self.capture, self._factored_is_cheaper
+            )
             if not (self.is_statistics_step() and self.estimator == "empirical"):
                 self.capture.grad_outputs.clear()  # the record keeps what it needs
         else:

@@ -33,9 +33,14 @@ from torch import Tensor, nn
 from ..layers.base import LayerAdapter
 
 
-def factored_cost_is_lower(rows: int, out: int, width: int) -> bool:
-    """R(O² + D² + OD) < OD(O + D): the factored product is the cheaper one."""
-    return rows * (out * out + width * width + out * width) < out * width * (out + width)
+def factored_cost_is_lower(rows: int, out: int, width: int, inputs_known: bool = False) -> bool:
+    """R(O² + D² + OD) < OD(O + D): the factored product is the cheaper one. With
+    ``inputs_known`` (ā times the right factor already computed elsewhere) R(O² + OD)."""
+    per_row = out * out + out * width + (0 if inputs_known else width * width)
+    return rows * per_row < out * width * (out + width)
+
+
+CostCheck = Callable[[LayerAdapter, Tensor, int], bool]  # (adapter, its input h, rows R) -> cheaper?
 
 
 def graph_of(loss: Tensor) -> tuple[set, dict[int, int]]:
@@ -105,10 +110,12 @@ def record_backward(
     adapters: dict[int, LayerAdapter],
     params: dict[int, list[Tensor]],
     capture,
+    is_cheaper: CostCheck,
 ) -> tuple[object, FactorRecord]:
     """Run ``backward()`` (the loss's backward, with ``capture`` recording the adapter layers'
     inputs and output gradients) and return its result with the record of the layers whose
-    gradient it leaves exactly factored and for which that form is the cheaper one."""
+    gradient it leaves exactly factored and for which ``is_cheaper`` says that form costs less
+    (e.g. by :func:`factored_cost_is_lower`)."""
     fresh = {i: all(p.grad is None for p in params[i]) for i in adapters}
     nodes, uses = graph_of(loss) if any(fresh.values()) else (set(), {})
     candidates = {}
@@ -130,7 +137,7 @@ def record_backward(
         if grad is None or marks is None:
             continue
         rows = grad.numel() // adapter.out_features  # N·T
-        if not factored_cost_is_lower(rows, *adapter.matrix_shape[1:]):
+        if not is_cheaper(adapter, capture.inputs[adapter.name], rows):
             continue
         record.adapters[i] = adapter
         record.params[i] = params[i]
