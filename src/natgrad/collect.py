@@ -88,6 +88,8 @@ class Collector:
     ``kronecker`` demands an adapter for every block; ``single_call`` (default: ``kronecker``)
     makes a layer called other than once per forward an error instead of handing it to the
     generic per-example path; ``generic=False`` skips the generic per-example gradients.
+    ``dtype``: the layers' inputs and output gradients are kept in it (the parameters' dtype:
+    under ``torch.autocast`` the activations are bfloat16/float16, the statistics must not be).
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class Collector:
         kronecker: bool,
         generic: bool = True,
         single_call: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.dtype = dtype
         self.blocks = blocks
         self.likelihood = likelihood
         self.estimator = estimator
@@ -200,9 +204,10 @@ class Collector:
         k, n = len(vectors), output.shape[0]
         layers = {}
         for (i, adapter), node, grad in zip(order, nodes, grads):
-            g = adapter.output_grads(grad.reshape(k * n, *node.shape[1:]))
+            g = adapter.output_grads(grad.reshape(k * n, *node.shape[1:]).to(self.dtype))
             # [K, N, T, G, O] seen as [N, K, T, G, O] (a view: no copy)
-            layers[i] = LayerData(adapter, adapter.layer_inputs(capture.inputs[adapter.name]), g.unflatten(0, (k, n)).transpose(0, 1))
+            inputs = adapter.layer_inputs(capture.inputs[adapter.name].to(self.dtype))
+            layers[i] = LayerData(adapter, inputs, g.unflatten(0, (k, n)).transpose(0, 1))
         return layers
 
     def _generic_data(self, inputs: Tensor, vectors: list[Tensor]) -> dict[int, Tensor]:

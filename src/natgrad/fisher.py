@@ -120,7 +120,7 @@ def fisher(
             builder = StoredBuilder(blocks, dtype, device, ekfac=structure == "ekfac")
 
         def accumulate() -> list[float]:
-            collector = Collector(model, blocks, likelihood, estimator, samples, structure, kronecker)
+            collector = Collector(model, blocks, likelihood, estimator, samples, structure, kronecker, dtype=dtype)
             for inputs, targets in batches:
                 builder.add(collector.batch(inputs, targets))
             return []

@@ -92,7 +92,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         super().__init__(self._groups(param_groups), defaults)
         self.collector = Collector(
             self.model, self.blocks, self.likelihood, estimator, samples, type(self).__name__,
-            kronecker=False, generic=self.generic_statistics, single_call=kronecker,
+            kronecker=False, generic=self.generic_statistics, single_call=kronecker, dtype=self.dtype,
         )
         self.adapters = dict(self.collector.adapters)
         if kronecker and not self.adapters:
@@ -243,8 +243,9 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             output = self.capture.outputs[adapter.name]
             grad = self.capture.grad_outputs.get(adapter.name)
             grad = torch.zeros_like(output) if grad is None else grad  # output unused by the loss
-            grads = adapter.output_grads(grad * n).unsqueeze(1)
-            layers[i] = LayerData(adapter, adapter.layer_inputs(self.capture.inputs[adapter.name]), grads)
+            grads = adapter.output_grads((grad * n).to(self.dtype)).unsqueeze(1)
+            inputs = adapter.layer_inputs(self.capture.inputs[adapter.name].to(self.dtype))
+            layers[i] = LayerData(adapter, inputs, grads)
         generic = {}
         if self.collector.generic:
             vectors = [self.capture.root_grad * n]

@@ -61,9 +61,10 @@ def quadratic_model(
     ``damping`` λ' is a number or one value per parameter (flat); ``comm``: the ranks whose
     batches make up the global batch."""
     vectors = [direction] if previous is None else [direction, previous]
-    jvps = linearized.jvps(vectors)
+    # in the parameters' dtype: under autocast the output and its J·v are in a lower precision
+    jvps = [jv.to(direction.dtype) for jv in linearized.jvps(vectors)]
     n = linearized.output.shape[0]
-    out = linearized.output.detach()
+    out = linearized.output.detach().to(direction.dtype)
     fisher_jvps = [likelihood.fisher_vector(out, jv) for jv in jvps]
     size = len(vectors)
     pairs = [(i, j) for i in range(size) for j in range(i, size)]
