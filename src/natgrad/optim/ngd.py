@@ -3,7 +3,10 @@
 With the defaults one step on a batch is exactly θ ← θ − lr (F_batch + damping I)⁻¹ ∇L_batch,
 F the Fisher of that batch (no running average, no momentum). ``structure="auto"`` stores F
 densely for models up to 4,096 parameters and otherwise keeps it matrix-free on the batch's
-own graph (J v by double backward, Jᵀ u by backward) with conjugate-gradient solves.
+own graph (J v by double backward, Jᵀ u by backward) with conjugate-gradient solves. A dense F
+of one batch with fewer gradient rows M = N·K than parameters P (K = samples, C − 1 for
+``exact``) is kept as those rows, F = UᵀU/N, and solved by the Woodbury identity when that is
+cheaper (:mod:`natgrad.representations.low_rank`): the same matrix, without its P×P storage.
 Options add a running average of stored structures (``Schedule.decay``) and momentum or the
 quadratic-model rescaling (``StepPolicy``).
 
@@ -25,6 +28,7 @@ from ..likelihoods import Likelihood
 from ..representations.base import BlockDiagonalFisher, FisherMatrix
 from ..representations.dense import DenseBlock, DenseFisher
 from ..representations.diagonal import DiagonalFisher
+from ..representations.low_rank import LowRankFisher, low_rank_is_cheaper
 from ..statistics import DenseBuilder, DiagonalBuilder, KFACBuilder, StoredBuilder
 from .base import CurvatureOptimizer
 from .config import DampingPolicy, Schedule, StepPolicy
@@ -108,10 +112,22 @@ class NGD(CurvatureOptimizer):
         if self.structure == "implicit":
             self.fisher_matrix = self._graph_fisher()
             return
+        if self._keeps_rows(batch):
+            rows = torch.cat([batch.per_example(i) for i in range(len(self.blocks))], dim=2)  # [N, K, P]
+            self.fisher_matrix = self._averaged(LowRankFisher(self.blocks, rows.flatten(0, 1), batch.examples))
+            return
         builder = self._builder()
         builder.add(batch)
         fresh = builder.finish(self.comm)
         self.fisher_matrix = self._averaged(fresh)
+
+    def _keeps_rows(self, batch: BatchData) -> bool:
+        """A dense F of this batch alone (not averaged, not reduced over ranks) whose M = N·K
+        gradient rows are fewer than makes the P×P matrix worth forming."""
+        if self.structure != "dense" or self.comm is not None or self.schedule.decay != 0 or self.schedule.stat_every != 1:
+            return False
+        per_example = [layer.grads.shape[1] for layer in batch.layers.values()] + [g.shape[1] for g in batch.generic.values()]
+        return low_rank_is_cheaper(batch.examples * per_example[0], self.blocks[-1].stop)
 
     def _graph_fisher(self) -> GraphFisher:
         if self._pending is None:
@@ -148,8 +164,8 @@ class NGD(CurvatureOptimizer):
         return _with_tensors(fresh, tensors)
 
     def _extra_state(self) -> dict:
-        if self.structure not in AVERAGED or self.fisher_matrix is None:
-            return {"fisher_updates": self.fisher_updates}
+        if self.structure not in AVERAGED or self.fisher_matrix is None or isinstance(self.fisher_matrix, LowRankFisher):
+            return {"fisher_updates": self.fisher_updates}  # (a batch's rows are never reused)
         return {"fisher_updates": self.fisher_updates, "fisher": _tensors(self.fisher_matrix)}
 
     def _load_extra_state(self, extra: dict) -> None:

@@ -1,0 +1,90 @@
+"""LowRankFisher (F = UᵀU/N kept as the rows U, solves by the Woodbury identity) against the
+plain float64 matrix UᵀU/N, and NGD's choice between it and the P×P matrix.
+
+A direct solve has a forward error of ~eps·cond(F + dI)·||x||: rows are standard normal, so
+cond ≤ (λ_max + d)/d stays below ~1e4 here and 1e-9 relative leaves a wide margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import helpers as H
+import reference as ref
+from test_optim_helpers import DT, data, grad_of, mlp, optim, step_change
+
+torch_rows = torch.Generator().manual_seed(5)
+
+
+def _low_rank(m, p, n):
+    from natgrad.layout import Block
+    from natgrad.representations.low_rank import LowRankFisher
+
+    rows = torch.randn(m, p, generator=torch_rows, dtype=DT)
+    blocks = (Block("layer", ("weight",), 0, p),)
+    return LowRankFisher(blocks, rows, n), rows.T @ rows / n
+
+
+@pytest.mark.parametrize("m, p", [(6, 20), (20, 20), (30, 12)])
+@pytest.mark.parametrize("damping", [1e-2, 1.0])
+def test_interface_matches_the_matrix(m, p, damping):
+    F, dense = _low_rank(m, p, n=4)
+    v = torch.randn(p, generator=torch_rows, dtype=DT)
+    block = torch.randn(p, 3, generator=torch_rows, dtype=DT)
+    H.assert_rel_close(F @ v, dense @ v, 1e-12, "F @ v")
+    H.assert_rel_close(F.mv(block), dense @ block, 1e-12, "F V")
+    eye = torch.eye(p, dtype=DT)
+    H.assert_rel_close(F.solve(v, damping), torch.linalg.solve(dense + damping * eye, v), 1e-9, "solve")
+    H.assert_rel_close(F.solve(block, damping), torch.linalg.solve(dense + damping * eye, block), 1e-9, "solve V")
+    H.assert_rel_close(F.to_dense(), dense, 1e-12, "to_dense")
+    H.assert_rel_close(F.diagonal(), dense.diagonal(), 1e-12, "diagonal")
+    H.assert_rel_close(F.trace(), dense.trace(), 1e-12, "trace")
+
+
+def test_zero_damping_on_a_rank_deficient_fisher_is_a_clear_error():
+    F, _ = _low_rank(5, 20, n=5)
+    with pytest.raises(ValueError, match="damping"):
+        F.solve(torch.ones(20, dtype=DT), 0.0)
+
+
+def test_cost_rule():
+    from natgrad.representations.low_rank import low_rank_is_cheaper
+
+    assert low_rank_is_cheaper(128, 2410)  # the digits MLP, batch 128, one sample
+    assert not low_rank_is_cheaper(2410, 2410)
+    assert not low_rank_is_cheaper(1500, 2410)  # M²P + M³/3 = 6.6e9 > P³/3 = 4.7e9
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+@pytest.mark.parametrize("batch, kept_as_rows", [(6, True), (40, False)])
+def test_ngd_keeps_a_small_batch_fisher_as_rows(estimator, batch, kept_as_rows):
+    """The 5-4-3 MLP has P = 39: a batch of 6 gives M = 12 (exact, C − 1 = 2 rows per example) or 6
+    rows, kept as rows; 40 examples give M ≥ 40, where the P×P matrix is cheaper. Either way the
+    step is θ − lr (F_batch + λI)⁻¹∇L with the brute-force float64 Fisher of tests/reference.py."""
+    from natgrad.representations.dense import DenseFisher
+    from natgrad.representations.low_rank import LowRankFisher
+
+    O = optim()
+    model = mlp(45)
+    x, y = data(model, batch)
+    F = ref.fisher_dense(model, x, y, "categorical", estimator)
+    grad = grad_of(model, x, y)
+    opt = O.NGD(model, lr=0.5, damping=0.05, estimator=estimator)
+    change = step_change(opt, model, x, y)
+    assert isinstance(opt.fisher_matrix, LowRankFisher if kept_as_rows else DenseFisher)
+    expected = torch.linalg.solve(F + 0.05 * torch.eye(F.shape[0], dtype=DT), grad)
+    H.assert_rel_close(change / 0.5, expected, 1e-9, f"NGD step, batch {batch}")
+    H.assert_rel_close(opt.fisher_matrix.to_dense(), F, 1e-9, "the batch Fisher")
+
+
+def test_a_running_average_keeps_the_matrix():
+    """Schedule(decay > 0) averages F across steps: stored as the P×P matrix whatever the batch."""
+    from natgrad.representations.dense import DenseFisher
+
+    O = optim()
+    model = mlp(46)
+    x, y = data(model, 6)
+    opt = O.NGD(model, estimator="exact", schedule=O.Schedule(decay=0.5, inverse_every=1))
+    step_change(opt, model, x, y)
+    assert isinstance(opt.fisher_matrix, DenseFisher)
