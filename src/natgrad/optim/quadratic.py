@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..distributed import Communicator
@@ -20,32 +19,40 @@ from ..linalg import weighted_dot
 from ..linearized import LinearizedOutput
 
 
+Coefficients = tuple[float, float]
+
+
 @dataclass
 class QuadraticModel:
-    """The 2×2 model over δ = c₁Δ + c₂δ₀: ``matrix`` (with λ'), ``linear`` = [∇ᵀΔ, ∇ᵀδ₀]."""
+    """The 2×2 model over δ = c₁Δ + c₂δ₀ in plain floats (a few arithmetic operations, no tensor
+    dispatch): ``matrix`` ((a, b), (b, c)) with λ', ``linear`` = (∇ᵀΔ, ∇ᵀδ₀)."""
 
-    matrix: Tensor  # [2, 2] float64
-    linear: Tensor  # [2] float64
+    matrix: tuple[Coefficients, Coefficients]
+    linear: Coefficients
 
-    def optimum(self, use_momentum: bool) -> Tensor:
+    def optimum(self, use_momentum: bool) -> Coefficients:
         """Coefficients minimising the model; μ = 0 when there is no previous step."""
+        (a, b), (_, c) = self.matrix
+        g0, g1 = self.linear
         if use_momentum:
-            det = torch.linalg.det(self.matrix)
-            if float(det) > 1e-12 * float(self.matrix.diagonal().prod()):
-                return -torch.linalg.solve(self.matrix, self.linear)
-        coeff = torch.zeros(2, dtype=self.matrix.dtype)
-        if float(self.matrix[0, 0]) > 0:
-            coeff[0] = -self.linear[0] / self.matrix[0, 0]
-        return coeff
+            det = a * c - b * b
+            if det > 1e-12 * a * c:
+                return (-(c * g0 - b * g1) / det, -(a * g1 - b * g0) / det)
+        return (-g0 / a if a > 0 else 0.0, 0.0)
 
-    def trust_region_scale(self, coeff: Tensor, bound: float) -> float:
+    def trust_region_scale(self, coeff: Coefficients, bound: float) -> float:
         """Factor ≤ 1 keeping ½ δᵀ(F + λ'I)δ ≤ ``bound`` (a KL trust region on the step)."""
-        size = float(0.5 * coeff @ self.matrix @ coeff)
+        size = 0.5 * self._form(coeff)
         return min(1.0, (bound / size) ** 0.5) if size > 0 else 1.0
 
-    def value(self, coeff: Tensor) -> float:
+    def value(self, coeff: Coefficients) -> float:
         """M(δ) − M(0) for δ = coeff[0] Δ + coeff[1] δ₀."""
-        return float(0.5 * coeff @ self.matrix @ coeff + self.linear @ coeff)
+        return 0.5 * self._form(coeff) + self.linear[0] * coeff[0] + self.linear[1] * coeff[1]
+
+    def _form(self, coeff: Coefficients) -> float:
+        (a, b), (_, c) = self.matrix
+        x, y = coeff
+        return a * x * x + 2 * b * x * y + c * y * y
 
 
 def quadratic_model(
@@ -71,10 +78,11 @@ def quadratic_model(
     sums = [float((jvps[i] * fisher_jvps[j]).sum()) for i, j in pairs]
     if comm is not None:
         *sums, n = comm.all_reduce_numbers(sums + [n], "quadratic model")
-    matrix = torch.zeros(2, 2, dtype=torch.float64)
-    linear = torch.zeros(2, dtype=torch.float64)
+    linear = [0.0, 0.0]
+    entries = {(0, 0): 0.0, (0, 1): 0.0, (1, 1): 0.0}
     for i in range(size):
         linear[i] = float(grad @ vectors[i])
     for (i, j), total in zip(pairs, sums):
-        matrix[i, j] = matrix[j, i] = total / n + weighted_dot(vectors[i], damping, vectors[j])
-    return QuadraticModel(matrix, linear)
+        entries[i, j] = total / n + weighted_dot(vectors[i], damping, vectors[j])
+    matrix = ((entries[0, 0], entries[0, 1]), (entries[0, 1], entries[1, 1]))
+    return QuadraticModel(matrix, (linear[0], linear[1]))

@@ -51,13 +51,14 @@ class StepRules:
                 model = quadratic_model(
                     self._linearized, self.likelihood, -direction, previous, grads, damping, self.comm
                 )
-            coeff = model.optimum(use_momentum=previous is not None)
-            coeff = coeff * model.trust_region_scale(coeff, policy.kl_clip)
-            change = direction * -float(coeff[0])
+            alpha, mu = model.optimum(use_momentum=previous is not None)
+            shrink = model.trust_region_scale((alpha, mu), policy.kl_clip)
+            alpha, mu = alpha * shrink, mu * shrink
+            change = direction * -alpha
             if previous is not None:
-                change.add_(previous, alpha=float(coeff[1]))
+                change.add_(previous, alpha=mu)
             change.mul_(lr)
-            state["coeff"] = (float(coeff[0]), float(coeff[1]))
+            state["coeff"] = (alpha, mu)
         else:
             scale = 1.0
             if rescale == "kl_clip":
@@ -93,7 +94,8 @@ class StepRules:
             before, after, total = self.comm.all_reduce_numbers([n * before, n * after, n], "loss")
             before, after = before / total, after / total
         coeff = state.get("coeff")
-        predicted = model.value(torch.tensor(coeff, dtype=torch.float64) * float(self.param_groups[0]["lr"])) if coeff else None
+        lr = float(self.param_groups[0]["lr"])
+        predicted = model.value((coeff[0] * lr, coeff[1] * lr)) if coeff else None
         if not predicted or predicted >= 0:
             return
         ratio = (after - before) / predicted
