@@ -54,6 +54,10 @@ def test_training_under_autocast_keeps_float32_state_and_learns(name, estimator)
             for v in value if isinstance(value, tuple) else (value,):
                 if isinstance(v, torch.Tensor) and v.is_floating_point():
                     assert v.dtype == torch.float32, f"{name} state {key!r} is {v.dtype}"
+    if name == "NGD":  # no per-parameter state: its Fisher of the last batch
+        assert opt.fisher_matrix.dtype == torch.float32
+    else:
+        assert opt.state
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -86,10 +90,11 @@ def _reference_factors(model, x, y):
 
 def test_kfac_factors_under_autocast_are_the_bf16_activations_statistics_in_float32():
     """One empirical statistics step (decay 0): A and G equal the float64 reference of the bf16
-    tensors to float32 accuracy (the bf16 values are exact in float32; only the sums round)."""
+    tensors to float32 accuracy (the bf16 values are exact in float32; only the products with
+    N and the sums round). N = 50 is not a power of two, so scaling by N in bf16 would show."""
     O = optim()
     model = _model()
-    x, y = _data()
+    x, y = _data(50)
     reference = _reference_factors(model, x, y)
     assert reference["2"][2] == torch.bfloat16  # the second layer really saw bf16 inputs
     opt = O.KFAC(model, likelihood="categorical", estimator="empirical", schedule=O.Schedule(decay=0.0),
@@ -100,3 +105,31 @@ def test_kfac_factors_under_autocast_are_the_bf16_activations_statistics_in_floa
         assert state["A"].dtype == state["G"].dtype == torch.float32
         H.assert_rel_close(state["A"][0], A, 1e-5, f"A of layer {name}")
         H.assert_rel_close(state["G"][0], G, 1e-5, f"G of layer {name}")
+
+
+def test_low_precision_gradients_are_not_preconditioned_through_their_factors(monkeypatch):
+    """Under autocast ``.grad`` is a bfloat16 product: recomputing it as gᵀā in float32 would give
+    a different (more precise) gradient than the one ``step()`` was handed, so every layer is
+    preconditioned from ``.grad`` itself — here checked on a small batch, where the factored form
+    would otherwise be chosen."""
+    O = optim()
+    factored = []
+    original = O.KFAC._layer_direction
+
+    def spy(self, i, grad):
+        if isinstance(grad, tuple):
+            factored.append(i)
+        return original(self, i, grad)
+
+    monkeypatch.setattr(O.KFAC, "_layer_direction", spy)
+    model = nn.Sequential(nn.Linear(40, 48), nn.Tanh(), nn.Linear(48, 30))
+    x, y = torch.randn(3, 40), torch.tensor([0, 1, 2])
+    opt = O.KFAC(model, likelihood="categorical")
+    _step(opt, model, x, y)
+    _step(opt, model, x, y)
+    assert factored == []
+    opt.zero_grad()  # the control: the same step without autocast takes the factored form
+    out = model(x)
+    opt.backward(Fn.cross_entropy(out, y), out)
+    opt.step()
+    assert sorted(factored) == [0, 1]

@@ -256,13 +256,14 @@ def eigenbasis_second_moments(layer: LayerData, basis_a: Tensor, basis_g: Tensor
     products, the first one :func:`projected_inputs` (pass it as ``projected`` if already computed).
     """
     if layer.simple:
-        a = projected_inputs(layer, basis_a) if projected is None else projected  # [N, D]
+        # ā Q_A [N, D], squared in place unless the caller keeps it
+        a2 = projected_inputs(layer, basis_a).square_() if projected is None else projected.square()
         q_g = basis_g[0]
         grads = layer.grads[:, :, 0, 0, :]  # [N, K, O], a view of a contiguous [K, N, O]
         g2 = (grads[:, 0] @ q_g).square_()
         for k in range(1, grads.shape[1]):
             g2.add_((grads[:, k] @ q_g).square_())
-        return (g2.T @ a.square()).unsqueeze(0)
+        return (g2.T @ a2).unsqueeze(0)
     a = torch.einsum("ntgd,gde->ntge", layer.inputs, basis_a)
     g = torch.einsum("nktgo,gop->nktgp", layer.grads, basis_g)
     n, k = g.shape[:2]

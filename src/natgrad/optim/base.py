@@ -216,7 +216,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
                 "natgrad's Fisher backprop needs it intact: use inplace=False"
             )
         self.likelihood.check_output(output)
-        vectors = backprop_vectors(self.likelihood, self.estimator, output, None, self.samples)
+        vectors = backprop_vectors(self.likelihood, self.estimator, output.detach().to(self.dtype), None, self.samples)
         return self.collector.from_capture(
             self.capture, self._model_inputs(output), output, vectors, retain_graph=keep_graph
         )
@@ -243,12 +243,12 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             output = self.capture.outputs[adapter.name]
             grad = self.capture.grad_outputs.get(adapter.name)
             grad = torch.zeros_like(output) if grad is None else grad  # output unused by the loss
-            grads = adapter.output_grads((grad * n).to(self.dtype)).unsqueeze(1)
+            grads = adapter.output_grads(grad.to(self.dtype) * n).unsqueeze(1)
             inputs = adapter.layer_inputs(self.capture.inputs[adapter.name].to(self.dtype))
             layers[i] = LayerData(adapter, inputs, grads)
         generic = {}
         if self.collector.generic:
-            vectors = [self.capture.root_grad * n]
+            vectors = [self.capture.root_grad.to(self.dtype) * n]
             generic = self.collector._generic_data(self._model_inputs(self.capture.root_grad), vectors)
         return BatchData(n, layers, generic)
 

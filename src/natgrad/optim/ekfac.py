@@ -38,15 +38,16 @@ class ProjectedRows:
     inputs: Tensor
 
 
-def _same_rows(stats_inputs: Tensor, record_inputs: Tensor) -> bool:
-    """Whether the statistics' h [N, 1, 1, D_in] are the recorded layer input h [N, D_in] itself:
-    the same memory, all of its rows, unmodified since (shared version counter)."""
+def _same_rows(stats_inputs: Tensor, version: int, record_inputs: Tensor) -> bool:
+    """Whether the statistics' h [N, 1, 1, D_in] (at version counter ``version`` when projected)
+    are the recorded layer input h [N, D_in] itself: the same memory, all of its rows, and not
+    modified in place since the projection (views share one version counter)."""
     return (
         stats_inputs.data_ptr() == record_inputs.data_ptr()
         and stats_inputs.numel() == record_inputs.numel()
         and stats_inputs.shape[0] == record_inputs.shape[0]
         and stats_inputs.stride(0) == record_inputs.stride(0)
-        and stats_inputs._version == record_inputs._version
+        and record_inputs._version == version
     )
 
 
@@ -61,7 +62,7 @@ class EKFAC(KFAC):
                 "EKFAC cannot shard by preconditioned gradients: every rank needs every layer's "
                 "eigenbasis to measure the scales of its own examples; use sharding='inverses'"
             )
-        self._projected: dict[int, tuple[Tensor, Tensor]] = {}  # this step's (h, ā Q_A) per layer
+        self._projected: dict[int, tuple[Tensor, int, Tensor]] = {}  # this step's (h, its version, ā Q_A)
         super().__init__(model, *args, sharding=sharding, **kwargs)
 
     def _update_statistics(self, batch: BatchData) -> None:
@@ -71,11 +72,13 @@ class EKFAC(KFAC):
         decay = self._decay()
         layers = sorted(batch.layers)
         sums = []
+        factored = self._factors.adapters if self._factors is not None else {}
         for i in layers:
             layer, state = batch.layers[i], self._layer_state(i)
-            projected = projected_inputs(layer, state["Q_A"]) if layer.simple else None
-            if projected is not None:
-                self._projected[i] = (layer.raw_inputs, projected)
+            projected = None
+            if layer.simple and i in factored:  # kept for the factored projection of this step
+                projected = projected_inputs(layer, state["Q_A"])
+                self._projected[i] = (layer.raw_inputs, layer.raw_inputs._version, projected)
             sums.append(eigenbasis_second_moments(layer, state["Q_A"], state["Q_G"], projected))
         if self.comm is not None:
             sums = self.comm.all_reduce(sums, what="EKFAC scales")
@@ -110,8 +113,8 @@ class EKFAC(KFAC):
     def _gradient_rows(self) -> dict[int, tuple[Tensor, Tensor] | ProjectedRows]:
         rows: dict = super()._gradient_rows()
         for i, (g, _) in rows.items():
-            if i in self._projected and _same_rows(self._projected[i][0], self._factors.inputs[i]):
-                rows[i] = ProjectedRows(g, self._projected[i][1].unsqueeze(0))
+            if i in self._projected and _same_rows(*self._projected[i][:2], self._factors.inputs[i]):
+                rows[i] = ProjectedRows(g, self._projected[i][2].unsqueeze(0))
         return rows
 
     def _layer_direction(self, i: int, grad: LayerGradient | ProjectedRows) -> Tensor:

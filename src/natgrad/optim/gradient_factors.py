@@ -17,7 +17,9 @@ against 1.4 G). It is exact only if ``.grad`` *is* that product, which holds whe
   of that graph, and neither the parameters nor the module carry backward hooks that could
   change a gradient;
 * the ``.grad`` tensors are the ones that backward left, unmodified (same object, same version
-  counter: clipping in place or reassigning disqualifies), and the layer's weight decay is 0.
+  counter: clipping in place or reassigning disqualifies), and the layer's weight decay is 0;
+* the layer's input and output gradient are in its parameters' dtype (under ``torch.autocast``
+  ``.grad`` is a low-precision product that gᵀā recomputed in float32 would not reproduce).
 
 Otherwise that layer's ``.grad`` is preconditioned as usual. :func:`record_backward` runs around
 the backward and :meth:`FactorRecord.rows` at the step.
@@ -137,6 +139,9 @@ def record_backward(
         grad = capture.grad_outputs.get(adapter.name)
         marks = _marks(params[i])
         if grad is None or marks is None:
+            continue
+        dtype = params[i][0].dtype
+        if grad.dtype != dtype or capture.inputs[adapter.name].dtype != dtype:
             continue
         rows = grad.numel() // adapter.out_features  # N·T
         if not is_cheaper(adapter, capture.inputs[adapter.name], rows):

@@ -19,7 +19,8 @@ from .dense import cholesky_solve
 
 
 def low_rank_is_cheaper(rows: int, size: int) -> bool:
-    """M²P + M³/3 (UUᵀ and its Cholesky) < P³/3 (the P×P Cholesky)."""
+    """M²P + M³/3 (UUᵀ and its Cholesky) < P³/3 (the P×P Cholesky). Conservative: forming the
+    P×P matrix itself (up to M·P² more) is not counted."""
     return rows * rows * size + rows**3 / 3 < size**3 / 3
 
 
