@@ -103,7 +103,8 @@ class Collector:
         kronecker: bool,
         generic: bool = True,
         single_call: bool | None = None,
-        dtype: torch.dtype | None = None,
+        *,
+        dtype: torch.dtype,
     ) -> None:
         self.model = model
         self.dtype = dtype

@@ -126,8 +126,8 @@ class NGD(CurvatureOptimizer):
         gradient rows are fewer than makes the P×P matrix worth forming."""
         if self.structure != "dense" or self.comm is not None or self.schedule.decay != 0 or self.schedule.stat_every != 1:
             return False
-        per_example = [layer.grads.shape[1] for layer in batch.layers.values()] + [g.shape[1] for g in batch.generic.values()]
-        return low_rank_is_cheaper(batch.examples * per_example[0], self.blocks[-1].stop)
+        some = next(iter(batch.layers.values())).grads if batch.layers else next(iter(batch.generic.values()))
+        return low_rank_is_cheaper(batch.examples * some.shape[1], self.blocks[-1].stop)  # K = shape[1]
 
     def _graph_fisher(self) -> GraphFisher:
         if self._pending is None:
