@@ -14,14 +14,14 @@ import helpers as H
 import reference as ref
 from test_optim_helpers import DT, data, grad_of, mlp, optim, step_change
 
-torch_rows = torch.Generator().manual_seed(5)
+RNG = torch.Generator().manual_seed(5)  # any rows will do: every check is against UᵀU/N itself
 
 
 def _low_rank(m, p, n):
     from natgrad.layout import Block
     from natgrad.representations.low_rank import LowRankFisher
 
-    rows = torch.randn(m, p, generator=torch_rows, dtype=DT)
+    rows = torch.randn(m, p, generator=RNG, dtype=DT)
     blocks = (Block("layer", ("weight",), 0, p),)
     return LowRankFisher(blocks, rows, n), rows.T @ rows / n
 
@@ -30,8 +30,8 @@ def _low_rank(m, p, n):
 @pytest.mark.parametrize("damping", [1e-2, 1.0])
 def test_interface_matches_the_matrix(m, p, damping):
     F, dense = _low_rank(m, p, n=4)
-    v = torch.randn(p, generator=torch_rows, dtype=DT)
-    block = torch.randn(p, 3, generator=torch_rows, dtype=DT)
+    v = torch.randn(p, generator=RNG, dtype=DT)
+    block = torch.randn(p, 3, generator=RNG, dtype=DT)
     H.assert_rel_close(F @ v, dense @ v, 1e-12, "F @ v")
     H.assert_rel_close(F.mv(block), dense @ block, 1e-12, "F V")
     eye = torch.eye(p, dtype=DT)
