@@ -88,3 +88,33 @@ def test_a_running_average_keeps_the_matrix():
     opt = O.NGD(model, estimator="exact", schedule=O.Schedule(decay=0.5, inverse_every=1))
     step_change(opt, model, x, y)
     assert isinstance(opt.fisher_matrix, DenseFisher)
+
+
+@pytest.mark.parametrize("rows_limit, structure", [(None, "dense"), (10, "implicit")])
+def test_auto_above_the_dense_limit_keeps_a_small_batch_as_rows(monkeypatch, rows_limit, structure):
+    """structure="auto" on 4,099 parameters (above DENSE_LIMIT): a batch of 4 (M = 8 exact rows)
+    is kept as rows — a direct solve of the batch Fisher — unless the rows exceed ROWS_LIMIT
+    (forced here), when the step is the matrix-free CG solve. Both are the float64 reference's
+    step; CG to its residual bound as in tests/test_optim_ngd.py."""
+    import natgrad.optim.ngd as ngd_module
+    from natgrad.representations.low_rank import LowRankFisher
+
+    if rows_limit is not None:
+        monkeypatch.setattr(ngd_module, "ROWS_LIMIT", rows_limit)
+    O = optim()
+    model = mlp(47, sizes=(60, 64, 3))
+    assert sum(p.numel() for p in model.parameters()) > ngd_module.DENSE_LIMIT
+    x, y = data(model, 4)
+    F = ref.fisher_dense(model, x, y, "categorical", "exact")
+    grad = grad_of(model, x, y)
+    lam, lr = 0.05, 0.5
+    opt = O.NGD(model, lr=lr, damping=lam, estimator="exact")
+    change = step_change(opt, model, x, y)
+    assert opt.structure == structure
+    expected = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=DT), grad)
+    if structure == "dense":
+        assert isinstance(opt.fisher_matrix, LowRankFisher)
+        H.assert_rel_close(change / lr, expected, 1e-9, "auto: rows")
+    else:
+        err = float((change / lr - expected).abs().max())
+        assert err <= 10 * H.CG_TOL * float(grad.norm()) / lam + 1e-12 * float(expected.abs().max()), err

@@ -1,12 +1,14 @@
 """Exact natural-gradient descent: Δθ = −lr (F + εI)⁻¹ ∇L with F from any structure.
 
 With the defaults one step on a batch is exactly θ ← θ − lr (F_batch + damping I)⁻¹ ∇L_batch,
-F the Fisher of that batch (no running average, no momentum). ``structure="auto"`` stores F
-densely for models up to 4,096 parameters and otherwise keeps it matrix-free on the batch's
-own graph (J v by double backward, Jᵀ u by backward) with conjugate-gradient solves. A dense F
-of one batch with fewer gradient rows M = N·K than parameters P (K = samples, C − 1 for
-``exact``) is kept as those rows, F = UᵀU/N, and solved by the Woodbury identity when that is
-cheaper (:mod:`natgrad.representations.low_rank`): the same matrix, without its P×P storage.
+F the Fisher of that batch (no running average, no momentum). A dense F of one batch with few
+gradient rows M = N·K (K = samples, C − 1 for ``exact``, 1 for ``empirical``) is kept as those
+rows, F = UᵀU/N, and solved by the Woodbury identity when that is cheaper than the P×P matrix
+(:mod:`natgrad.representations.low_rank`): the same matrix, without its P×P storage.
+``structure="auto"`` stores F densely for models up to 4,096 parameters; above, on each batch
+(one process, no running average), as its gradient rows when those are cheaper and hold at most
+2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward, Jᵀ u
+by backward) with conjugate-gradient solves.
 Options add a running average of stored structures (``Schedule.decay``) and momentum or the
 quadratic-model rescaling (``StepPolicy``).
 
@@ -35,6 +37,7 @@ from .config import DampingPolicy, Schedule, StepPolicy
 from .graph_fisher import GraphFisher
 
 DENSE_LIMIT = 4096
+ROWS_LIMIT = 2**25  # entries of the gradient rows U an "auto" step above DENSE_LIMIT may keep
 AVERAGED = ("dense", "block_diagonal", "diagonal")  # structures whose tensors can be averaged and saved
 
 
@@ -96,12 +99,27 @@ class NGD(CurvatureOptimizer):
             return None  # built in step() on the live graph
         return super()._fisher_batch(output, keep_graph)
 
+    def _auto_structure(self, output: Tensor) -> str:
+        """"dense" up to DENSE_LIMIT parameters; above, "dense" kept as this batch's gradient rows
+        when they are cheaper and at most ROWS_LIMIT entries (one process, no averaging), else
+        "implicit"."""
+        size = self.blocks[-1].stop
+        if size <= DENSE_LIMIT:
+            return "dense"
+        if self.comm is not None or self.schedule.decay != 0 or self.schedule.stat_every != 1:
+            return "implicit"
+        per_example = {"exact": self.likelihood.num_sqrt_columns(output), "mc": self.samples, "empirical": 1}
+        rows = output.shape[0] * per_example[self.estimator]
+        return "dense" if low_rank_is_cheaper(rows, size) and rows * size <= ROWS_LIMIT else "implicit"
+
     def _statistics_batch(self) -> BatchData | None:
         if self.structure == "implicit":
             return None
         return super()._statistics_batch()
 
     def backward(self, loss: Tensor, output: Tensor) -> None:
+        if self.structure_option == "auto" and isinstance(output, Tensor) and output.dim() > 0:
+            self.structure = self._auto_structure(output)
         if self.structure == "implicit" and self.estimator == "empirical" and isinstance(output, Tensor):
             # per-example scores of a mean loss: N ∂loss/∂output, taken before the graph is used
             (grad,) = torch.autograd.grad(loss, output, retain_graph=True)
