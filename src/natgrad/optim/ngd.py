@@ -100,9 +100,9 @@ class NGD(CurvatureOptimizer):
         return super()._fisher_batch(output, keep_graph)
 
     def _auto_structure(self, output: Tensor) -> str:
-        """"dense" up to DENSE_LIMIT parameters; above, "dense" kept as this batch's gradient rows
-        when they are cheaper and at most ROWS_LIMIT entries (one process, no averaging), else
-        "implicit"."""
+        """This batch's structure under "auto": dense up to DENSE_LIMIT parameters; above, dense
+        kept as the batch's gradient rows when they are cheaper and at most ROWS_LIMIT entries
+        (one process, no averaging), else implicit."""
         size = self.blocks[-1].stop
         if size <= DENSE_LIMIT:
             return "dense"
