@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from ..layers.base import LayerAdapter
@@ -82,16 +81,15 @@ class FactorRecord:
     grads: dict[int, Tensor]  # ∂loss/∂output, the module output's shape (cheaper layers only)
     marks: dict[int, list[tuple[Tensor, int]]]  # (.grad, its version) right after the backward
 
-    def rows(self, weight_decay_of: Callable[[int], float], dtype: torch.dtype) -> dict[int, tuple[Tensor, Tensor]]:
-        """Per recorded layer still exact: (g ``[G, R, O]``, ā ``[G, R, D]``) in ``dtype`` (the
-        parameters': under autocast the recorded tensors are in a lower precision)."""
+    def rows(self, weight_decay_of: Callable[[int], float]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per recorded layer still exact: (g ``[G, R, O]``, ā ``[G, R, D]``)."""
         out = {}
         for i, adapter in self.adapters.items():
             if weight_decay_of(i) != 0 or not _unchanged(self.params[i], self.marks[i]):
                 continue
             g, o, d = adapter.matrix_shape
-            grads = adapter.output_grads(self.grads[i].to(dtype))  # [N, T, G, O]
-            inputs = adapter.homogeneous(adapter.layer_inputs(self.inputs[i].to(dtype)))  # [N, T, G, D]
+            grads = adapter.output_grads(self.grads[i])  # [N, T, G, O]
+            inputs = adapter.homogeneous(adapter.layer_inputs(self.inputs[i]))  # [N, T, G, D]
             out[i] = (grads.reshape(-1, g, o).transpose(0, 1), inputs.reshape(-1, g, d).transpose(0, 1))
         return out
 

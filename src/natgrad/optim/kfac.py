@@ -264,7 +264,7 @@ class KFAC(CurvatureOptimizer):
         """(g, ā) of the layers whose ``.grad`` is exactly gᵀā and cheaper to precondition so."""
         if self._factors is None:
             return {}
-        return self._factors.rows(self.weight_decay_of, self.dtype)
+        return self._factors.rows(self.weight_decay_of)
 
     def _layer_direction(self, i: int, grad: LayerGradient) -> Tensor:
         state = self._layer_state(i)

@@ -106,7 +106,7 @@ class NGD(CurvatureOptimizer):
         size = self.blocks[-1].stop
         if size <= DENSE_LIMIT:
             return "dense"
-        if self.comm is not None or self.schedule.decay != 0 or self.schedule.stat_every != 1:
+        if not self._single_batch_fisher():
             return "implicit"
         per_example = {"exact": self.likelihood.num_sqrt_columns(output), "mc": self.samples, "empirical": 1}
         rows = output.shape[0] * per_example[self.estimator]
@@ -139,10 +139,14 @@ class NGD(CurvatureOptimizer):
         fresh = builder.finish(self.comm)
         self.fisher_matrix = self._averaged(fresh)
 
+    def _single_batch_fisher(self) -> bool:
+        """F is this step's batch's alone: not averaged over steps, not reduced over ranks."""
+        return self.comm is None and self.schedule.decay == 0 and self.schedule.stat_every == 1
+
     def _keeps_rows(self, batch: BatchData) -> bool:
         """A dense F of this batch alone (not averaged, not reduced over ranks) whose M = N·K
         gradient rows are fewer than makes the P×P matrix worth forming."""
-        if self.structure != "dense" or self.comm is not None or self.schedule.decay != 0 or self.schedule.stat_every != 1:
+        if self.structure != "dense" or not self._single_batch_fisher():
             return False
         some = next(iter(batch.layers.values())).grads if batch.layers else next(iter(batch.generic.values()))
         return low_rank_is_cheaper(batch.examples * some.shape[1], self.blocks[-1].stop)  # K = shape[1]
