@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import write_bytes_atomic
 from .tasks import get_task
 from .training import _positive, get_optimizer, run
-from .training_files import _atomic_write, prepare_out, write_json
+from .training_files import prepare_out, write_json
 
 __all__ = ["compare", "DEFAULT_OPTIMIZERS", "SUMMARY_KEYS"]
 
@@ -215,6 +216,6 @@ def _write_outputs(out: Path, task, summary, table, runs, chosen) -> None:
                                 "evaluations": [r2 for r2 in r.records if "full_train_loss" in r2]} for r in results]
                      for lr, results in by_lr.items()} for name, by_lr in runs.items()}
     write_json(out / "runs.json", detail)
-    _atomic_write(out / "results.md", table.encode())
+    write_bytes_atomic(out / "results.md", table.encode())
     write_json(out / "summary.json", summary)
 

@@ -1,14 +1,13 @@
 """The result of :func:`natgrad.report.report`: the :class:`Report` with its text table and
-JSON form, and the atomic JSON writer it saves with."""
+JSON form (saved with :func:`natgrad.atomic.write_json_atomic`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .atomic import write_json_atomic
 
 __all__ = ["Report", "write_json_atomic"]
 
@@ -68,37 +67,7 @@ class Report:
         return self.to_table()
 
 
-def write_json_atomic(path, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and
-    ``os.replace``, so readers never see a half-written file. Creates missing parents."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp",
-                               dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 # --------------------------------------------------------------------------- helpers
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def _describe(meta: dict) -> str:
     if not meta:

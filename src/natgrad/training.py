@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,10 +46,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path, write_bytes_atomic
 from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer, register_optimizer
 from .tasks import Data, Task, get_task
 from .training_dist import current
-from .training_files import (CHECKPOINT, CHECKPOINT_VERSION, METRICS, SUMMARY, _atomic_write, _finite,
+from .training_files import (CHECKPOINT, CHECKPOINT_VERSION, METRICS, SUMMARY, _finite,
                              checkpoint_config, prepare_out, write_json)
 
 __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optimizer", "get_optimizer",
@@ -207,7 +207,7 @@ class _Trainer:
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line)["step"] <= self.step]
             self.records = [json.loads(line) for line in kept]
-            _atomic_write(path, "".join(line + "\n" for line in kept).encode())
+            write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
     def _save(self) -> None:
         rngs = self.ranks.rng_states()  # torch_rng, world_size (and every rank's: rank_rngs), on rank 0
@@ -220,9 +220,8 @@ class _Trainer:
             "pos": self.pos, "step": self.step, "elapsed": self.elapsed, "reached": self.reached,
             "last_eval": self.last_eval,
         }
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
 
     # ------------------------------------------------------------ loop
     def _evaluate(self, record: dict) -> None:

@@ -3,12 +3,12 @@ output directory's preparation and the configuration of a checkpointed run."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
+
+from .atomic import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -31,13 +31,7 @@ def write_json(path: Path, data) -> None:
             return [clean(v) for v in x]
         return x
 
-    _atomic_write(path, (json.dumps(clean(data), indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    write_json_atomic(path, clean(data))
 
 
 def prepare_out(out: Path) -> None:
