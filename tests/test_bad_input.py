@@ -88,6 +88,13 @@ CASES = {
                                                                         float("nan")))),
     "inf_input_mc": _with(lambda m, x, y: dict(
         data=x.clone().index_fill_(0, torch.tensor([0]), float("inf")), estimator="mc")),
+    # tanh maps ±inf to ±1: the output is finite, the inputs themselves must be checked
+    "inf_input_finite_output_kfac": _with(lambda m, x, y: dict(
+        data=(x.clone().index_fill_(1, torch.tensor([0]), float("inf")), y), structure="kfac")),
+    "wrong_feature_size": _with(lambda m, x, y: dict(data=(torch.randn(5, x.shape[1] + 1, dtype=H.DT), y))),
+    "integer_inputs_implicit": _with(lambda m, x, y: dict(data=(x.long(), y), structure="implicit")),
+    "targets_out_of_range_exact": _with(lambda m, x, y: dict(data=(x, y + 100))),
+    "float_targets_categorical_mc": _with(lambda m, x, y: dict(data=(x, y.to(H.DT) + 0.5), estimator="mc")),
     "nan_in_second_batch": _with(_nan_in_second_batch),
     "empty_tensor": _with(lambda m, x, y: dict(data=x[:0])),
     "empty_pair": _with(lambda m, x, y: dict(data=(x[:0], y[:0]), estimator="empirical")),
@@ -119,6 +126,32 @@ def test_bad_input_raises_and_leaves_model(case):
     with pytest.raises(ALLOWED):
         natgrad.fisher(model, data, **args)
     H.assert_unchanged(model, snap)
+
+
+def test_inf_input_message():
+    model = H.mlp(30)
+    x, y = H.make_data(model, "categorical", 5)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match="inputs contain NaN or Inf"):
+        H.lib().fisher(model, (x, y), structure="kfac")
+
+
+def test_model_failure_is_a_value_error_naming_the_inputs():
+    model = H.mlp(30)
+    x, y = H.make_data(model, "categorical", 5)
+    with pytest.raises(ValueError, match=r"model failed on inputs of shape \(5, 3\)") as info:
+        H.lib().fisher(model, (x[:, :3], y), structure="dense")
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own message is kept
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_samples_without_mc_warns_and_changes_nothing(estimator):
+    model = H.mlp(30)
+    x, y = H.make_data(model, "categorical", 5)
+    plain = H.lib().fisher(model, (x, y), estimator=estimator, structure="dense").to_dense()
+    with pytest.warns(UserWarning, match="samples=4 has no effect"):
+        F = H.lib().fisher(model, (x, y), estimator=estimator, structure="dense", samples=4)
+    assert torch.equal(F.to_dense(), plain)
 
 
 def test_negative_variance():

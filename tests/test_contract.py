@@ -10,6 +10,7 @@ bounds get a factor 10 of slack.
 
 import pytest
 import torch
+from torch import nn
 
 import helpers as H
 import reference as ref
@@ -146,6 +147,20 @@ def test_zero_damping_on_singular_fisher_raises(structure):
     F = natgrad.fisher(model, x, structure=structure)
     with pytest.raises(ValueError):
         F.solve(torch.ones(F.size, dtype=H.DT), damping=0.0)
+
+
+def test_zero_damping_on_rounding_level_ekfac_scales_raises():
+    """Two examples: EKFAC's scales in the null directions are rounding noise (tiny but > 0 in
+    float64), not pivots: a solve with damping 0 raises instead of returning ~1e60 entries."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(H.DT)
+    x, y = torch.randn(2, 4, dtype=H.DT), torch.randint(0, 3, (2,))
+    F = H.lib().fisher(model, (x, y), structure="ekfac")
+    scales = torch.cat([b.scales.reshape(-1) for b in F.operators])
+    assert float(scales.min()) < 1e-25 * float(scales.max())  # rank-deficient: near-zero scales
+    with pytest.raises(ValueError, match="singular"):
+        F.solve(torch.ones(F.size, dtype=H.DT), damping=0.0)
+    assert torch.isfinite(F.solve(torch.ones(F.size, dtype=H.DT), damping=1e-3)).all()
 
 
 @pytest.mark.parametrize("structure", H.STRUCTURES)

@@ -24,7 +24,7 @@ def _bad_constructor_args():
         ("estimator", dict(estimator="fisher")), ("estimator", dict(estimator=None)),
         ("estimator", dict(estimator="MC")),
         ("likelihood", dict(likelihood="poisson")), ("likelihood", dict(likelihood=3)),
-        ("samples", dict(samples=0)), ("samples", dict(samples=2, estimator="exact")),
+        ("samples", dict(samples=0)),
         ("schedule", dict(schedule={"decay": 0.5})), ("schedule", dict(schedule=None)),
         ("schedule", dict(schedule=O.DampingPolicy())),
         ("damping_policy", dict(damping_policy="eigen")), ("damping_policy", dict(damping_policy=O.Schedule())),
@@ -41,6 +41,12 @@ def test_constructor_validation(name):
         assert key in str(info.value) or key.replace("_", " ") in str(info.value) or (
             key in ("schedule", "damping_policy", "step_policy")
             and type(kw[key]).__name__ in str(info.value)), f"{name}({kw}): unclear message {info.value!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_without_mc_warns(name):
+    with pytest.warns(UserWarning, match="samples=2 has no effect"):
+        make(name, mlp(75), samples=2, estimator="exact")
 
 
 @pytest.mark.parametrize("name", ["KFAC", "EKFAC"])

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .capture import LayerCapture
 from .errors import UnsupportedLayerError
+from .data import run_model
 from .estimators import backprop_vectors
 from .functional import per_example_gradients
 from .layers import adapter_for
@@ -146,7 +147,7 @@ class Collector:
             capture = self._forward(modules, inputs, copy_outputs=True)
         output = capture.model_output
         self.likelihood.check_output(output)
-        if targets is not None and self.estimator == "empirical":
+        if targets is not None:  # also where unused (exact, mc): labels that do not fit are a mistake
             self.likelihood.check_target(output, targets)
         vectors = backprop_vectors(self.likelihood, self.estimator, output.detach().to(self.dtype), targets, self.samples)
         return self.from_capture(capture, inputs, output, vectors)
@@ -168,7 +169,7 @@ class Collector:
 
     def _forward(self, modules: dict, inputs: Tensor, copy_outputs: bool) -> LayerCapture:
         with LayerCapture(modules, copy_outputs=copy_outputs) as capture:
-            output = self.model(inputs)
+            output = run_model(self.model, inputs)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"the model must return a tensor of outputs, got {type(output).__name__}; "

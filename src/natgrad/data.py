@@ -7,7 +7,7 @@ estimators that need no labels), or an iterable of batches such as a DataLoader 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -39,6 +39,21 @@ def iter_batches(
         yield inputs.detach().to(device), targets
     if count == 0:
         raise ValueError("data is empty: it yielded no examples")
+
+
+def run_model(model: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``model(*args)``, with a failure of the model on these inputs (wrong feature size or
+    dtype, ...) reported as the ValueError of bad data it is, torch's message attached."""
+    try:
+        return model(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        inputs = args[-1]
+        raise ValueError(
+            f"the model failed on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}: "
+            f"{exc}. Check that the data fit the model (feature sizes, dtype)"
+        ) from exc
 
 
 def _is_pair(data: tuple | list) -> bool:
@@ -76,4 +91,9 @@ def _check(inputs: Tensor, targets: Tensor | None, *, need_targets: bool, dtype:
             raise TypeError(
                 f"inputs are {inputs.dtype} but the model is {dtype}; convert one of them "
                 f"(e.g. inputs.to({dtype}) or model.to({inputs.dtype}))"
+            )
+        if not bool(torch.isfinite(inputs).all()):
+            raise ValueError(
+                "inputs contain NaN or Inf; remove or replace those examples (e.g. with "
+                "torch.nan_to_num) before computing the Fisher"
             )

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .fisher import fisher
+from .linalg import rounding_floor
 
 __all__ = ["condition_number", "condition_numbers"]
 
@@ -64,7 +65,7 @@ def _extreme_eigenvalues(matrices: Tensor) -> tuple[float, float]:
     if not bool(torch.isfinite(lam).all()):
         raise ValueError("the matrix has non-finite entries: no condition number")
     lam_max = max(float(lam.max()), 0.0)
-    floor = matrices.shape[-1] * torch.finfo(matrices.dtype).eps * lam_max
+    floor = rounding_floor(lam_max, matrices.shape[-1], matrices.dtype)
     lam_min = float(lam.min())
     return (0.0 if lam_min <= floor else lam_min), lam_max
 

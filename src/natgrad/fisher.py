@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .capture import preserved_state
 from .collect import Collector
-from .data import iter_batches
+from .data import iter_batches, run_model
 from .distributed import Communicator, DistributedError, model_fingerprint, resolve_group, unwrap
 from .estimators import backprop_vectors, check_estimator, outer_curvature
 from .functional import model_function, snapshot
@@ -203,9 +203,9 @@ def _implicit(model, blocks, batches, likelihood, estimator, samples, comm) -> I
     def linearize() -> list[float]:
         examples = 0
         for inputs, targets in batches:
-            output = function(params, inputs)
+            output = run_model(function, params, inputs)
             likelihood.check_output(output)
-            if estimator == "empirical":
+            if targets is not None:
                 likelihood.check_target(output, targets)
             examples += inputs.shape[0]
             if estimator == "exact":

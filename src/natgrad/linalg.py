@@ -65,8 +65,26 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0), vectors
 
 
-def check_invertible(smallest: Tensor | float, damping: float) -> None:
-    if float(smallest) + damping <= 0.0:
+def rounding_floor(largest: float, size: int, dtype: torch.dtype) -> float:
+    """size · u · λ_max: eigenvalues of a computed [size, size] symmetric eigenproblem at or
+    below it are zero up to rounding (u the unit roundoff of ``dtype``; numpy's rank rule)."""
+    return size * torch.finfo(dtype).eps * largest
+
+
+def check_invertible(values: Tensor | float, damping: float, size: int | None = None) -> None:
+    """ValueError if M + damping·I is singular, M ⪰ 0 with eigenvalues ``values``.
+
+    ``size``: the values come from an eigendecomposition of a [size, size] matrix (or are
+    products/second moments in such a basis), so with damping 0 those at or below
+    :func:`rounding_floor` are zeros carrying rounding noise, not tiny pivots to divide by.
+    """
+    if isinstance(values, Tensor):
+        smallest = float(values.min())
+        if size is not None and damping == 0.0 and smallest <= rounding_floor(float(values.max()), size, values.dtype):
+            smallest = 0.0
+    else:
+        smallest = float(values)
+    if smallest + damping <= 0.0:
         raise ValueError(
             "the Fisher is singular and damping is 0, so F + damping*I cannot be inverted; "
             "pass damping > 0"

@@ -20,7 +20,7 @@ class DiagonalFisher(FisherMatrix):
         return self.values.unsqueeze(1) * v
 
     def _solve(self, v, damping, tol, max_iter) -> Tensor:
-        check_invertible(self.values.min(), damping)
+        check_invertible(self.values, damping)
         return v / (self.values.unsqueeze(1) + damping)
 
     def _to_dense(self) -> Tensor:
