@@ -113,8 +113,8 @@ def test_given_model_and_tensors_not_modified():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
     rep = report(model=model, data=(x, y), structures=("kfac", "block_diagonal", "implicit"),
-                 examples=40, progress=False)
-    assert rep.layers == ("0", "2", "all")
+                 progress=False)  # default examples: all 40 (at most 512)
+    assert rep.layers == ("0", "2", "all") and rep.metadata["examples"] == 40
     assert all(rep.rel_error["implicit"][layer] < EXACT for layer in rep.layers)  # matrix-free
     assert rep.metadata["train_steps"] == 0 and rep.metadata["data"] == "tensors"
     assert rep.metadata["test_accuracy"] is None or math.isnan(rep.metadata["test_accuracy"])

@@ -34,13 +34,14 @@ STRUCTURES = ("dense", "block_diagonal", "diagonal", "kron_sum", "kfac", "ekfac"
 ESTIMATORS = ("exact", "mc", "empirical")
 DEFAULT_STRUCTURES = ("block_diagonal", "kron_sum", "kfac", "ekfac", "diagonal")
 DATASETS = ("digits", "mnist")
+DEFAULT_EXAMPLES = 512
 _DEFAULT_HIDDEN = {"digits": (32,), "mnist": (8,)}
 
 
 def report(model: nn.Module | None = None, data="digits", mnist_dir=None,
            estimator: str = "exact", samples: int = 1, damping: float = 1e-3,
            structures=DEFAULT_STRUCTURES, train_steps: int | None = None,
-           hidden=None, examples: int = 512, seed: int = 0,
+           hidden=None, examples: int | None = None, seed: int = 0,
            dtype: torch.dtype = torch.float64, lr: float = 1e-2, batch_size: int = 128,
            max_params: int = 10_000, progress: bool = True) -> Report:
     """Compare Fisher structures with the exact (dense) Fisher, per layer. See the module doc.
@@ -51,15 +52,18 @@ def report(model: nn.Module | None = None, data="digits", mnist_dir=None,
     to ``dtype``), never modified. ``train_steps``: Adam steps on mini-batches before
     measuring; default 200 for the built MLP and 0 for a given model. ``hidden``: widths of
     the built MLP's tanh hidden layers, default ``(32,)`` on digits and ``(8,)`` on MNIST
-    (the dense reference is ``P x P``; ``max_params`` guards it). Reproducible for a given
-    ``seed`` without touching the global random state.
+    (the dense reference is ``P x P``; ``max_params`` guards it). ``examples``: how many
+    training examples the Fisher is computed on, default all of them up to 512. Reproducible
+    for a given ``seed`` without touching the global random state.
     """
     import natgrad  # the core (imported here: natgrad/__init__.py imports this module)
 
     structures = _check_args(model, data, estimator, samples, damping, structures,
                              train_steps, examples, dtype, lr, batch_size, max_params)
     x_train, y_train, x_test, y_test, data_name = _load(data, mnist_dir, dtype, seed)
-    if examples > x_train.shape[0]:
+    if examples is None:
+        examples = min(DEFAULT_EXAMPLES, x_train.shape[0])
+    elif examples > x_train.shape[0]:
         raise ValueError(f"examples={examples} but the training data has only "
                          f"{x_train.shape[0]} examples")
     with torch.random.fork_rng(devices=[]):
@@ -176,7 +180,8 @@ def _check_args(model, data, estimator, samples, damping, structures, train_step
     if samples != 1 and estimator != "mc":
         raise ValueError(f"samples={samples} only applies to estimator='mc' "
                          f"(the {estimator} Fisher draws no labels)")
-    _positive_int("examples", examples)
+    if examples is not None:
+        _positive_int("examples", examples)
     _positive_int("batch_size", batch_size)
     _positive_int("max_params", max_params)
     if train_steps is not None:
