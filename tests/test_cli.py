@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import natgrad.cli.main as cli
 
@@ -140,3 +141,20 @@ def test_subprocess(tmp_path):
         capture_output=True, text=True, env=_env(), timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.startswith("natgrad: error: ") and "Traceback" not in bad.stderr
+
+
+def test_checkpoint_write_failure_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """torch.save reports a full disk as RuntimeError: the CLI still gives a one-line error
+    (exit 2, no traceback) and leaves no temporary file."""
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--task", "digits-mlp", "--optimizer", "sgd", "--steps", "2", "--out", str(out)],
+                       capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "could not write the checkpoint" in err
+    assert not list(out.glob("*checkpoint*"))

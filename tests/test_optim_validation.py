@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_optim_helpers import DT, mlp, optim
+from test_optim_helpers import DT, data, mlp, optim
 from test_optim_loop import NAMES, make
 
 
@@ -128,3 +128,26 @@ def test_param_group_weight_decay_validation(name, value):
     model = mlp(79)
     with pytest.raises((ValueError, TypeError), match="weight_decay"):
         make(name, model, param_groups=_groups(model, weight_decay=value))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_values_changed_after_construction_are_checked_at_step(name):
+    """lr is checked again at step(): a scheduler may anneal it to 0 (a step that changes
+    nothing), a negative lr set by hand is an error before anything moves."""
+    model = mlp(80)
+    x, y = data(model, 16)
+    opt = make(name, model, estimator="empirical")
+
+    def one_step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = 0.0
+    one_step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    opt.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        one_step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))

@@ -125,6 +125,12 @@ def test_fresh_run_replaces_an_old_one(tmp_path):
     assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
+def test_zero_damping_is_accepted(tmp_path):
+    """The issue's bad input is damping < 0; 0 is K-FAC's own business (it trains)."""
+    summary = train("digits-mlp", "kfac", steps=2, damping=0.0, out=tmp_path / "o", progress=False)
+    assert summary["damping"] == 0.0
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; known optimizers: sgd, adam, kfac"),
     ({"lr": 0.0}, "lr must be a positive number"),
@@ -132,6 +138,7 @@ def test_fresh_run_replaces_an_old_one(tmp_path):
     ({"steps": -3}, "steps must be a positive integer"),
     ({"batch_size": 2.5}, "batch_size must be a positive integer"),
     ({"optimizer": "sgd", "damping": 0.1}, "damping is only used"),
+    ({"damping": -1e-3}, "damping must be a number >= 0"),
     ({"task": "cifar"}, "unknown task 'cifar'"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):

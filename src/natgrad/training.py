@@ -59,12 +59,15 @@ __all__ = ["train", "run", "Run", "OptimizerSpec", "OPTIMIZERS", "register_optim
 
 # --------------------------------------------------------------------------- helpers
 
-def _positive(name: str, value, integer: bool = False):
+def _positive(name: str, value, integer: bool = False, zero: bool = False):
+    """``value`` (None passes), checked to be a finite number > 0 (>= 0 with ``zero``)."""
     if value is None:
         return None
     kind = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
-        what = "a positive integer" if integer else "a positive number"
+    if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not zero)):
+        what = ("an integer" if integer else "a number") + " >= 0" if zero else (
+            "a positive integer" if integer else "a positive number")
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 
@@ -125,10 +128,11 @@ def run(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=None,
     task = get_task(task)
     spec = get_optimizer(optimizer)
     for name, value, integer in (("steps", steps, True), ("epochs", epochs, True), ("batch_size", batch_size, True),
-                                 ("lr", lr, False), ("damping", damping, False), ("time_budget", time_budget, False),
+                                 ("lr", lr, False), ("time_budget", time_budget, False),
                                  ("eval_every", eval_every, True), ("eval_seconds", eval_seconds, False),
                                  ("checkpoint_every", checkpoint_every, True)):
         _positive(name, value, integer)
+    _positive("damping", damping, zero=True)
     if damping is not None and not spec.curvature:
         raise ValueError(f"damping is only used by the curvature optimizers, not {optimizer!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -221,7 +225,10 @@ class _Trainer:
             "last_eval": self.last_eval,
         }
         with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save(state, tmp)
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:  # torch's writer reports a full disk as RuntimeError
+                raise OSError(f"could not write the checkpoint in {str(self.out)!r}: {exc}") from exc
 
     # ------------------------------------------------------------ loop
     def _evaluate(self, record: dict) -> None:

@@ -176,7 +176,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be the model's output tensor, got {type(output).__name__}")
         if not torch.isfinite(loss):
-            warnings.warn(f"non-finite loss {float(loss)}: the next step() is skipped", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"non-finite loss {float(loss.detach())}: the next step() is skipped", RuntimeWarning, stacklevel=2)
             self._skip = True
             if self.comm is not None:
                 # the other ranks' DDP backward waits for this rank's gradients; the averaged
@@ -256,6 +256,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update. ``closure`` (re-evaluates and returns the loss without backward) is needed
         only by adaptive damping."""
+        self._check_group_values()
         if self._skip:
             self._skip = False
             self._finish_step(advance=False)

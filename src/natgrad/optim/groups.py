@@ -55,6 +55,16 @@ class ParamGroups:
                 raise ValueError("the parameters of one layer (weight and bias) must be in the same param group")
         return param_groups
 
+    def _check_group_values(self) -> None:
+        """At every step: the groups' values may have been changed since construction (by hand
+        or by an lr scheduler, which may anneal lr to 0 but never below)."""
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+                raise ValueError(f"a param group's lr must be a finite number >= 0 at step(), got {lr!r}")
+            check_damping(group["damping"])
+            check_weight_decay(group["weight_decay"])
+
     def _group_of(self, param: Tensor) -> dict:
         for group in self.param_groups:
             if any(param is p for p in group["params"]):

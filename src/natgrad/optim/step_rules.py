@@ -88,7 +88,7 @@ class StepRules:
         if model is None:
             raise RuntimeError("adaptive damping needs the graph: call opt.backward(loss, output)")
         state = self.step_state
-        before, after = float(self._pending[1]), float(loss)
+        before, after = float(self._pending[1]), float(loss.detach() if isinstance(loss, Tensor) else loss)
         if self.comm is not None:  # the global batch's losses: mean over ranks, weighted by size
             n = self._pending[0].shape[0]
             before, after, total = self.comm.all_reduce_numbers([n * before, n * after, n], "loss")
