@@ -19,11 +19,28 @@ RNG = torch.Generator().manual_seed(5)  # any rows will do: every check is again
 
 def _low_rank(m, p, n):
     from natgrad.layout import Block
-    from natgrad.representations.low_rank import LowRankFisher
+    from natgrad.representations.low_rank import ExplicitRows, LowRankFisher
 
     rows = torch.randn(m, p, generator=RNG, dtype=DT)
     blocks = (Block("layer", ("weight",), 0, p),)
-    return LowRankFisher(blocks, rows, n), rows.T @ rows / n
+    return LowRankFisher(blocks, [ExplicitRows(rows)], n), rows.T @ rows / n
+
+
+def _factored_and_explicit(m, n):
+    """A Linear(3, 4) with bias kept factored (rows g_m ā_mᵀ) next to an explicit block of 5
+    columns; the reference rows are written out plainly: weight row-major g_m h_mᵀ, then g_m."""
+    from natgrad.layers import adapter_for
+    from natgrad.layout import Block
+    from natgrad.representations.low_rank import ExplicitRows, FactoredRows, LowRankFisher
+
+    g = torch.randn(m, 4, generator=RNG, dtype=DT)
+    h = torch.randn(m, 3, generator=RNG, dtype=DT)
+    other = torch.randn(m, 5, generator=RNG, dtype=DT)
+    linear = torch.nn.Linear(3, 4).to(DT)
+    factored = FactoredRows(adapter_for(linear, "lin"), g, torch.cat([h, torch.ones(m, 1, dtype=DT)], dim=1))
+    blocks = (Block("lin", ("weight", "bias"), 0, 16), Block("other", ("weight",), 16, 21))
+    rows = torch.cat([(g[:, :, None] * h[:, None, :]).reshape(m, 12), g, other], dim=1)
+    return LowRankFisher(blocks, [factored, ExplicitRows(other)], n), rows.T @ rows / n
 
 
 @pytest.mark.parametrize("m, p", [(6, 20), (20, 20), (30, 12)])
@@ -37,6 +54,21 @@ def test_interface_matches_the_matrix(m, p, damping):
     eye = torch.eye(p, dtype=DT)
     H.assert_rel_close(F.solve(v, damping), torch.linalg.solve(dense + damping * eye, v), 1e-9, "solve")
     H.assert_rel_close(F.solve(block, damping), torch.linalg.solve(dense + damping * eye, block), 1e-9, "solve V")
+    H.assert_rel_close(F.to_dense(), dense, 1e-12, "to_dense")
+    H.assert_rel_close(F.diagonal(), dense.diagonal(), 1e-12, "diagonal")
+    H.assert_rel_close(F.trace(), dense.trace(), 1e-12, "trace")
+
+
+@pytest.mark.parametrize("m", [3, 30])
+def test_factored_rows_match_the_written_out_rows(m):
+    F, dense = _factored_and_explicit(m, n=3)
+    p = dense.shape[0]
+    v = torch.randn(p, generator=RNG, dtype=DT)
+    block = torch.randn(p, 2, generator=RNG, dtype=DT)
+    eye = torch.eye(p, dtype=DT)
+    H.assert_rel_close(F @ v, dense @ v, 1e-12, "F @ v")
+    H.assert_rel_close(F.mv(block), dense @ block, 1e-12, "F V")
+    H.assert_rel_close(F.solve(block, 0.1), torch.linalg.solve(dense + 0.1 * eye, block), 1e-9, "solve")
     H.assert_rel_close(F.to_dense(), dense, 1e-12, "to_dense")
     H.assert_rel_close(F.diagonal(), dense.diagonal(), 1e-12, "diagonal")
     H.assert_rel_close(F.trace(), dense.trace(), 1e-12, "trace")
@@ -118,3 +150,30 @@ def test_auto_above_the_dense_limit_keeps_a_small_batch_as_rows(monkeypatch, row
     else:
         err = float((change / lr - expected).abs().max())
         assert err <= 10 * H.CG_TOL * float(grad.norm()) / lam + 1e-12 * float(expected.abs().max()), err
+
+
+@pytest.mark.parametrize("structure, dense_limit", [("implicit", None), ("auto", 20)])
+def test_plain_backward_empirical_ngd_without_the_graph(monkeypatch, structure, dense_limit):
+    """loss.backward(); opt.step() with the empirical Fisher where NGD would solve matrix-free
+    (structure "implicit", or "auto" above DENSE_LIMIT — lowered here to keep the model small):
+    no graph, so the captured per-example gradients give the batch Fisher as rows. The step is
+    the float64 reference's θ − lr (F_emp + λI)⁻¹∇L."""
+    import natgrad.optim.ngd as ngd_module
+
+    if dense_limit is not None:
+        monkeypatch.setattr(ngd_module, "DENSE_LIMIT", dense_limit)
+    O = optim()
+    model = mlp(48)
+    x, y = data(model, 5)
+    F = ref.fisher_dense(model, x, y, "categorical", "empirical")
+    grad = grad_of(model, x, y)
+    lam, lr = 0.05, 0.5
+    opt = O.NGD(model, lr=lr, damping=lam, estimator="empirical", structure=structure)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.structure == "implicit"  # whose graph-based solve would have raised
+    change = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+    expected = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=DT), grad)
+    H.assert_rel_close(change / lr, expected, 1e-9, f"plain-backward NGD step ({structure})")

@@ -8,7 +8,10 @@ rows, F = UᵀU/N, and solved by the Woodbury identity when that is cheaper than
 ``structure="auto"`` stores F densely for models up to 4,096 parameters; above, on each batch
 (one process, no running average), as its gradient rows when those are cheaper and hold at most
 2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward, Jᵀ u
-by backward) with conjugate-gradient solves.
+by backward) with conjugate-gradient solves. The empirical Fisher after a plain
+``loss.backward()`` (no graph kept) is solved from the rows the capture recorded instead: the
+same matrix, solved directly. Rows of a Linear on [N, in] stay factored as (g, ā): the Woodbury
+Gram (g_m·g_n)(ā_m·ā_n) costs M²(O + D) instead of M²·O·D.
 Options add a running average of stored structures (``Schedule.decay``) and momentum or the
 quadratic-model rescaling (``StepPolicy``).
 
@@ -30,7 +33,8 @@ from ..likelihoods import Likelihood
 from ..representations.base import BlockDiagonalFisher, FisherMatrix
 from ..representations.dense import DenseBlock, DenseFisher
 from ..representations.diagonal import DiagonalFisher
-from ..representations.low_rank import LowRankFisher, low_rank_is_cheaper
+from ..representations.low_rank import (ExplicitRows, FactoredRows, LowRankFisher, RowBlock,
+                                        low_rank_is_cheaper)
 from ..statistics import DenseBuilder, DiagonalBuilder, KFACBuilder, StoredBuilder
 from .base import CurvatureOptimizer
 from .config import DampingPolicy, Schedule, StepPolicy
@@ -113,9 +117,14 @@ class NGD(CurvatureOptimizer):
         return "dense" if low_rank_is_cheaper(rows, size) and rows * size <= ROWS_LIMIT else "implicit"
 
     def _statistics_batch(self) -> BatchData | None:
-        if self.structure == "implicit":
+        if self.structure == "implicit" and not self._rows_instead_of_graph():
             return None
         return super()._statistics_batch()
+
+    def _rows_instead_of_graph(self) -> bool:
+        """A plain ``loss.backward()`` with the empirical Fisher (one process): no graph for the
+        matrix-free products, but the per-example gradients it captured hold the same F."""
+        return self.estimator == "empirical" and self._pending is None and self.comm is None
 
     def backward(self, loss: Tensor, output: Tensor) -> None:
         if self.structure_option == "auto" and isinstance(output, Tensor) and output.dim() > 0:
@@ -127,12 +136,12 @@ class NGD(CurvatureOptimizer):
         super().backward(loss, output)
 
     def _update_statistics(self, batch: BatchData | None) -> None:
-        if self.structure == "implicit":
+        if batch is None:  # implicit, on this batch's graph
             self.fisher_matrix = self._graph_fisher()
             return
-        if self._keeps_rows(batch):
-            rows = torch.cat([batch.per_example(i) for i in range(len(self.blocks))], dim=2)  # [N, K, P]
-            self.fisher_matrix = self._averaged(LowRankFisher(self.blocks, rows.flatten(0, 1), batch.examples))
+        if self.structure == "implicit" or self._keeps_rows(batch):
+            self.fisher_matrix = self._averaged(LowRankFisher(self.blocks, _batch_rows(batch, len(self.blocks)),
+                                                              batch.examples))
             return
         builder = self._builder()
         builder.add(batch)
@@ -153,7 +162,11 @@ class NGD(CurvatureOptimizer):
 
     def _graph_fisher(self) -> GraphFisher:
         if self._pending is None:
-            raise RuntimeError("NGD with the implicit structure needs the graph: call opt.backward(loss, output)")
+            raise RuntimeError(
+                f"NGD with the implicit structure and the {self.estimator!r} Fisher"
+                + (" over several processes" if self.estimator == "empirical" else "")
+                + " needs the graph: call opt.backward(loss, output) instead of loss.backward()"
+            )
         output = self._pending[0]
         if self.estimator == "empirical":
             if self._scores is None:
@@ -216,6 +229,22 @@ class NGD(CurvatureOptimizer):
             self.fisher_matrix = None  # holds the graph of this batch
         self._scores = None
         super()._finish_step(advance)
+
+
+def _batch_rows(batch: BatchData, count: int) -> list[RowBlock]:
+    """The batch's gradient rows block by block (row n·K + k: example n, vector k): a Linear on
+    [N, in] factored as (g, ā), any other block as its per-example gradients."""
+    parts: list[RowBlock] = []
+    for i in range(count):
+        layer = batch.layers.get(i)
+        if layer is not None and layer.simple:
+            grads = layer.grads[:, :, 0, 0, :]  # [N, K, O]
+            n, k = grads.shape[:2]
+            inputs = layer.inputs[:, 0, 0, :].unsqueeze(1).expand(n, k, -1)  # [N, K, D]
+            parts.append(FactoredRows(layer.adapter, grads.reshape(n * k, -1), inputs.reshape(n * k, -1)))
+        else:
+            parts.append(ExplicitRows(batch.per_example(i).flatten(0, 1)))
+    return parts
 
 
 def _tensors(fisher: FisherMatrix) -> list[Tensor]:

@@ -6,6 +6,12 @@ matrix is mostly redundant. Products cost 2MP; solves use the Woodbury identity
     (UᵀU/N + εI)⁻¹ v = (v − Uᵀ (NεI + UUᵀ)⁻¹ U v) / ε,
 
 one Cholesky of an M×M matrix (M³/3 and M²P to form it) instead of the P×P one (P³/3).
+
+U is kept block by block (a block = one layer's columns). :class:`ExplicitRows` stores the
+block's rows [M, size]. :class:`FactoredRows` keeps a layer a = W h + b on [N, in] factored:
+its row m is the outer product Γ_m = g_m ā_mᵀ of the output gradient g_m [O] and the input
+ā_m = [h; 1] [D], so U v = Σ_{o,d} g_mo V_od ā_md, Uᵀ w = Σ_m w_m g_m ā_mᵀ and
+(UUᵀ)_mn = (g_m·g_n)(ā_m·ā_n): M(O + D) numbers instead of M·O·D, M²(O + D) for the Gram.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..layers.base import LayerAdapter
 from ..layout import Block
 from .base import FisherMatrix
 from .dense import cholesky_solve
@@ -20,36 +27,105 @@ from .dense import cholesky_solve
 
 def low_rank_is_cheaper(rows: int, size: int) -> bool:
     """M²P + M³/3 (UUᵀ and its Cholesky) < P³/3 (the P×P Cholesky). Conservative: forming the
-    P×P matrix itself (up to M·P² more) is not counted."""
+    P×P matrix itself (up to M·P² more) and the factored layers' cheaper Gram are not counted."""
     return rows * rows * size + rows**3 / 3 < size**3 / 3
 
 
-class LowRankFisher(FisherMatrix):
-    """F = UᵀU / ``examples`` with ``rows`` U [M, P] in flat parameter order."""
+class ExplicitRows:
+    """One block's rows, stored: ``rows`` [M, size]."""
 
-    def __init__(self, blocks: tuple[Block, ...], rows: Tensor, examples: int) -> None:
-        super().__init__(blocks, rows.dtype, rows.device)
+    def __init__(self, rows: Tensor) -> None:
         self.rows = rows
+
+    def times(self, v: Tensor) -> Tensor:
+        """U_b V for V [size, m] -> [M, m]."""
+        return self.rows @ v
+
+    def transpose_times(self, w: Tensor) -> Tensor:
+        """U_bᵀ W for W [M, m] -> [size, m]."""
+        return self.rows.T @ w
+
+    def gram(self) -> Tensor:
+        """U_b U_bᵀ [M, M]."""
+        return self.rows @ self.rows.T
+
+    def square_sums(self) -> Tensor:
+        """Σ_m U_b[m]² [size]."""
+        return self.rows.square().sum(0)
+
+    def materialise(self) -> Tensor:
+        return self.rows
+
+
+class FactoredRows:
+    """A single-matrix layer's rows Γ_m = g_m ā_mᵀ: ``grads`` g [M, O], ``inputs`` ā [M, D]
+    (the adapter's joint-matrix layout, one group)."""
+
+    def __init__(self, adapter: LayerAdapter, grads: Tensor, inputs: Tensor) -> None:
+        self.adapter = adapter
+        self.grads = grads
+        self.inputs = inputs
+
+    def times(self, v: Tensor) -> Tensor:
+        matrices = self.adapter.to_matrix(v.T)[:, 0]  # [m, O, D]
+        return ((self.grads @ matrices) * self.inputs).sum(-1).T  # [m, M, D] -> [M, m]
+
+    def transpose_times(self, w: Tensor) -> Tensor:
+        matrices = (self.grads.T * w.T.unsqueeze(1)) @ self.inputs  # [m, O, M] @ [M, D]
+        return self.adapter.from_matrix(matrices.unsqueeze(1)).T
+
+    def gram(self) -> Tensor:
+        return (self.grads @ self.grads.T) * (self.inputs @ self.inputs.T)
+
+    def square_sums(self) -> Tensor:
+        return self.adapter.from_matrix((self.grads.square().T @ self.inputs.square()).unsqueeze(0))
+
+    def materialise(self) -> Tensor:
+        return self.adapter.from_matrix((self.grads.unsqueeze(2) * self.inputs.unsqueeze(1)).unsqueeze(1))
+
+
+RowBlock = ExplicitRows | FactoredRows
+
+
+class LowRankFisher(FisherMatrix):
+    """F = UᵀU / ``examples`` with U's columns block by block in ``parts`` (one per block, the
+    same M rows in each)."""
+
+    def __init__(self, blocks: tuple[Block, ...], parts: list[RowBlock], examples: int) -> None:
+        if len(parts) != len(blocks):
+            raise ValueError(f"one row block per parameter block: got {len(parts)} for {len(blocks)}")
+        first = parts[0].rows if isinstance(parts[0], ExplicitRows) else parts[0].grads
+        super().__init__(blocks, first.dtype, first.device)
+        self.parts = parts
         self.examples = examples
 
+    def _times(self, v: Tensor) -> Tensor:
+        """U V [M, m]."""
+        return sum(part.times(v[b.slice]) for b, part in zip(self.blocks, self.parts))
+
+    def _transpose_times(self, w: Tensor) -> Tensor:
+        """Uᵀ W [P, m]."""
+        return torch.cat([part.transpose_times(w) for part in self.parts], dim=0)
+
     def _mv(self, v: Tensor) -> Tensor:
-        return self.rows.T @ (self.rows @ v) / self.examples
+        return self._transpose_times(self._times(v)) / self.examples
 
     def _solve(self, v, damping, tol, max_iter) -> Tensor:
         if damping == 0:  # no Woodbury form; singular anyway when M < P (a clear error)
             return cholesky_solve(self._to_dense(), v, 0.0)
-        small = self.rows @ self.rows.T
+        small = sum(part.gram() for part in self.parts)
         small.diagonal().add_(self.examples * damping)
         factor, info = torch.linalg.cholesky_ex(small)
         if int(info) != 0:
             raise ValueError(f"F + {damping:g} I is not numerically positive definite; increase damping")
-        return (v - self.rows.T @ torch.cholesky_solve(self.rows @ v, factor)) / damping
+        return (v - self._transpose_times(torch.cholesky_solve(self._times(v), factor))) / damping
 
     def _to_dense(self) -> Tensor:
-        return self.rows.T @ self.rows / self.examples
+        rows = torch.cat([part.materialise() for part in self.parts], dim=1)
+        return rows.T @ rows / self.examples
 
     def _diagonal(self) -> Tensor:
-        return self.rows.square().sum(0) / self.examples
+        return torch.cat([part.square_sums() for part in self.parts]) / self.examples
 
     def _trace(self) -> Tensor:
-        return self.rows.square().sum() / self.examples
+        return self._diagonal().sum()
