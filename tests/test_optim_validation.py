@@ -151,3 +151,18 @@ def test_group_values_changed_after_construction_are_checked_at_step(name):
     with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
         one_step()
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_of_another_architecture_is_refused(name):
+    """Same number of layers, other widths: torch's own check (group sizes) passes; natgrad's
+    says what is wrong instead of failing deep inside the next step."""
+    small, wide = mlp(81, sizes=(5, 4, 3)), mlp(81, sizes=(5, 6, 3))
+    x, y = data(small, 8)
+    opt = make(name, small, estimator="empirical")
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(small(x), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="other parameter shapes"):
+        make(name, wide, estimator="empirical").load_state_dict(opt.state_dict())
+    make(name, mlp(82), estimator="empirical").load_state_dict(opt.state_dict())  # same shapes: fine

@@ -339,17 +339,28 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["natgrad"] = {"steps": self.steps, **{k: v for k, v in self.step_state.items()}, **self._extra_state()}
+        state["natgrad"] = {"steps": self.steps, "param_shapes": self._param_shapes(),
+                            **{k: v for k, v in self.step_state.items()}, **self._extra_state()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         extra = dict(state_dict.pop("natgrad", {}))
+        saved = extra.pop("param_shapes", None)
+        if saved is not None and [tuple(s) for s in saved] != self._param_shapes():
+            raise ValueError(
+                "this state_dict was saved by an optimizer of a model with other parameter shapes "
+                f"({[tuple(s) for s in saved]}, here {self._param_shapes()}): load it into the same "
+                "architecture"
+            )
         super().load_state_dict(state_dict)
         self.steps = int(extra.pop("steps", 0))
         self._load_extra_state(extra)
         self.step_state = {k: extra[k] for k in ("previous", "momentum_buffer", "coeff", "ratio") if k in extra}
         self._arm()
+
+    def _param_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self._params()]
 
     def _extra_state(self) -> dict:
         return {}
