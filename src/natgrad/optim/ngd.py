@@ -52,7 +52,7 @@ class NGD(CurvatureOptimizer):
         self,
         model: nn.Module,
         lr: float = 0.3,
-        damping: float = 0.1,
+        damping: float = 0.3,
         likelihood: str | Likelihood = "categorical",
         estimator: str = "mc",
         samples: int = 1,
