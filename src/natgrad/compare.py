@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from .atomic import write_bytes_atomic
+from .progress import progress_bar
 from .tasks import get_task
 from .training import _positive, get_optimizer, run
 from .training_files import prepare_out, write_json
@@ -98,11 +98,7 @@ def compare(task="digits-mlp", optimizers=DEFAULT_OPTIMIZERS, budget=None, out=N
 
     started = time.perf_counter()
     total = sum(len(v) * search_seeds + seeds - search_seeds for v in grid.values())
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False, desc=f"compare {task.name}", unit="run")
+    bar = progress_bar(progress, total, f"compare {task.name}", "run")
     runs: dict[str, dict[float, list]] = {name: {} for name in optimizers}
     chosen: dict[str, float] = {}
 

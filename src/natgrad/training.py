@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path, write_bytes_atomic
+from .progress import progress_bar
 from .registry import OPTIMIZERS, OptimizerSpec, get_optimizer, register_optimizer
 from .tasks import Data, Task, get_task
 from .training_dist import current
@@ -115,6 +115,8 @@ def train(task, optimizer: str, steps=None, epochs=None, batch_size=None, lr=Non
     continues with its own lr/damping/batch size/seed (passing a different one is an error);
     ``steps``/``epochs``/``time_budget`` count from the start of the run. Extra options:
     ``checkpoint_every`` (steps, default 100), ``mnist_dir``, ``data`` (preloaded :class:`Data`).
+    ``progress``: True/"bar" a tqdm bar (epoch, loss, accuracy, time), "lines" the same as a
+    plain line every 10 s (logs, pipes), False nothing.
     """
     return run(task, optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, damping=damping,
                seed=seed, out=out, resume=resume, time_budget=time_budget, progress=progress,
@@ -170,7 +172,7 @@ class _Trainer:
     def __init__(self, task, spec, data, config, out, checkpoint, checkpoint_every, progress):
         self.ranks = current()  # SINGLE (one process) or the ranks of torch.distributed's default group
         self.task, self.spec, self.data, self.config, self.out = task, spec, data, config, out
-        self.checkpoint_every, self.progress = checkpoint_every, progress and self.ranks.leader
+        self.checkpoint_every, self.progress = checkpoint_every, progress if self.ranks.leader else False
         self.n = data.x_train.shape[0]
         self.batch_size = min(config["batch_size"], self.n)
         self.ranks.check_batch(self.batch_size, self.n)
@@ -348,12 +350,8 @@ class _Trainer:
         return Run(summary, self.records)
 
     def _bar(self, limit):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=limit, initial=self.step, file=sys.stderr, dynamic_ncols=True, leave=False,
-                    desc=f"{self.config['task']} {self.config['optimizer']}", unit="step")
+        return progress_bar(self.progress, limit, f"{self.config['task']} {self.config['optimizer']}", "step",
+                            initial=self.step)
 
     def _update_bar(self, bar, value) -> None:
         if bar is None:

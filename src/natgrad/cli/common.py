@@ -69,8 +69,11 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _progress_enabled(args) -> bool:
-    return not args.quiet and sys.stderr.isatty()
+def _progress_enabled(args) -> bool | str:
+    """A bar on a terminal, plain lines every few seconds into a log or pipe, nothing with -q."""
+    if args.quiet:
+        return False
+    return "bar" if sys.stderr.isatty() else "lines"
 
 
 # --------------------------------------------------------------------------- shared options

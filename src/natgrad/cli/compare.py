@@ -39,7 +39,8 @@ def _add_compare(subparsers) -> None:
     p.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default {DEFAULT_OUT}/compare-TASK)")
     _add_mnist_dir(p)
     _add_threads(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (a bar on a terminal, else a line every 10 s)")
     p.set_defaults(handler=_with_threads(_run_compare))
 
 

@@ -70,7 +70,7 @@ def _run_report(args) -> int:
         structures=tuple(args.structures or DEFAULT_STRUCTURES),
         train_steps=args.steps, hidden=_flatten(args.hidden), examples=args.examples,
         seed=args.seed, dtype=torch.float32 if args.float32 else torch.float64,
-        progress=_progress_enabled(args))
+        progress=_progress_enabled(args) == "bar")
     print(result.to_table())
     if args.no_json:
         path = None

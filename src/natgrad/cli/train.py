@@ -53,7 +53,8 @@ def _add_train(subparsers) -> None:
                         "process stops with an error (default 300)")
     _add_mnist_dir(p)
     _add_threads(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress display (a bar on a terminal, else a line every 10 s)")
     p.set_defaults(handler=_with_threads(_run_train))
 
 
