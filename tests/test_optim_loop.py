@@ -41,7 +41,7 @@ def test_documented_loop_trains(name, estimator):
     opt = make(name, model, likelihood="categorical", estimator=estimator)
     assert isinstance(opt, torch.optim.Optimizer)
     start = loss_of(model, x, y)
-    for _ in range(15):
+    for _ in range(30):
         train_step(opt, model, x, y)
     end = loss_of(model, x, y)
     assert math.isfinite(end) and end < 0.7 * start, (start, end)
@@ -97,7 +97,7 @@ def test_empirical_plain_loop_ngd_defaults():
     x, y = data(model, 32)
     opt = make("NGD", model, likelihood="categorical", estimator="empirical")
     start = loss_of(model, x, y)
-    for _ in range(15):
+    for _ in range(30):
         opt.zero_grad()
         nll(model(x), y).backward()
         opt.step()
@@ -148,16 +148,6 @@ def test_backward_argument_checks(name):
         opt.backward(nn.functional.cross_entropy(out, y, reduction="none"), out)
     with pytest.raises(TypeError):
         opt.backward(nll(out, y), out.detach().numpy())
-
-
-def test_ngd_implicit_empirical_plain_backward_is_a_clear_error():
-    model = mlp(66)
-    x, y = data(model, 4)
-    opt = make("NGD", model, estimator="empirical", structure="implicit")
-    opt.zero_grad()
-    nll(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="opt.backward"):
-        opt.step()
 
 
 # --------------------------------------------------------------------------------------
@@ -296,3 +286,20 @@ def test_no_grad_evaluation_between_steps_does_not_disturb(name, estimator):
     p2, s2 = run(False)
     assert torch.equal(p1, p2)
     assert_same(s1, s2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_itself_warns_when_it_skips_a_non_finite_loss(name):
+    """The skip is announced where it happens too: opt.backward warns of the loss, step() of the
+    skipped update (a test or a log that watches only step() sees it)."""
+    model = mlp(68)
+    x, y = data(model, 8)
+    x[0, 0] = float("nan")
+    opt = make(name, model)
+    out = model(x)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.backward(nll(out, y), out)
+    params = flat_params(model)
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    assert torch.equal(flat_params(model), params)

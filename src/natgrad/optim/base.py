@@ -259,6 +259,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         self._check_group_values()
         if self._skip:
             self._skip = False
+            warnings.warn("non-finite loss: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
             self._finish_step(advance=False)
             return None
         grads = self._flat_grads()
