@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from .capture import LayerCapture
-from .errors import UnsupportedLayerError
 from .data import run_model
+from .errors import UnsupportedLayerError
 from .estimators import backprop_vectors
 from .functional import per_example_gradients
 from .layers import adapter_for

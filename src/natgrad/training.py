@@ -66,8 +66,8 @@ def _positive(name: str, value, integer: bool = False, zero: bool = False):
     kind = (int,) if integer else (int, float)
     if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
             or value < 0 or (value == 0 and not zero)):
-        what = ("an integer" if integer else "a number") + " >= 0" if zero else (
-            "a positive integer" if integer else "a positive number")
+        kind_name = "integer" if integer else "number"
+        what = f"a {kind_name} >= 0" if zero else f"a positive {kind_name}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 
