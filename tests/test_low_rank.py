@@ -177,3 +177,18 @@ def test_plain_backward_empirical_ngd_without_the_graph(monkeypatch, structure, 
     change = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
     expected = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=DT), grad)
     H.assert_rel_close(change / lr, expected, 1e-9, f"plain-backward NGD step ({structure})")
+
+
+@pytest.mark.parametrize("batch, estimator, expected", [(4, "exact", "dense"), (300, "mc", "dense"),
+                                                        (300, "exact", "implicit")])
+def test_auto_prices_the_rows_against_a_cg_solve(batch, estimator, expected):
+    """4,099 parameters, the Linear layers' rows factored (193 entries a row): M = 300 MC rows
+    cost 300² · 193 + 300³/3 ≈ 2.6e7 < 30 · N · P ≈ 3.7e7 (rows); the 600 exact rows of the same
+    batch ≈ 1.4e8 (CG); 8 exact rows of a batch of 4 are far below either."""
+    O = optim()
+    model = mlp(49, sizes=(60, 64, 3))
+    x, y = data(model, batch)
+    opt = O.NGD(model, estimator=estimator)
+    change = step_change(opt, model, x, y)
+    assert opt.structure == expected
+    assert bool(torch.isfinite(change).all()) and float(change.abs().max()) > 0

@@ -6,9 +6,10 @@ gradient rows M = N·K (K = samples, C − 1 for ``exact``, 1 for ``empirical``)
 rows, F = UᵀU/N, and solved by the Woodbury identity when that is cheaper than the P×P matrix
 (:mod:`natgrad.representations.low_rank`): the same matrix, without its P×P storage.
 ``structure="auto"`` stores F densely for models up to 4,096 parameters; above, on each batch
-(one process, no running average), as its gradient rows when those are cheaper and hold at most
-2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward, Jᵀ u
-by backward) with conjugate-gradient solves. The empirical Fisher after a plain
+(one process, no running average), as its gradient rows when their Woodbury solve (M² per
+stored row entry, M³/3) costs less than a CG solve (priced at 30 passes of N·P) and they hold at
+most 2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward,
+Jᵀ u by backward) with conjugate-gradient solves. The empirical Fisher after a plain
 ``loss.backward()`` (no graph kept) is solved from the rows the capture recorded instead: the
 same matrix, solved directly. Rows of a Linear on [N, in] stay factored as (g, ā): the Woodbury
 Gram (g_m·g_n)(ā_m·ā_n) costs M²(O + D) instead of M²·O·D.
@@ -42,6 +43,7 @@ from .graph_fisher import GraphFisher
 
 DENSE_LIMIT = 4096
 ROWS_LIMIT = 2**25  # entries of the gradient rows U an "auto" step above DENSE_LIMIT may keep
+CG_PASSES = 30  # what "auto" prices a CG solve at: ~10 iterations of J·v and Jᵀu, ~3 passes of N·P each
 AVERAGED = ("dense", "block_diagonal", "diagonal")  # structures whose tensors can be averaged and saved
 
 
@@ -105,8 +107,8 @@ class NGD(CurvatureOptimizer):
 
     def _auto_structure(self, output: Tensor) -> str:
         """This batch's structure under "auto": dense up to DENSE_LIMIT parameters; above, dense
-        kept as the batch's gradient rows when they are cheaper and at most ROWS_LIMIT entries
-        (one process, no averaging), else implicit."""
+        kept as the batch's gradient rows when they are cheaper and take at most ROWS_LIMIT
+        entries (one process, no averaging), else implicit."""
         size = self.blocks[-1].stop
         if size <= DENSE_LIMIT:
             return "dense"
@@ -114,7 +116,24 @@ class NGD(CurvatureOptimizer):
             return "implicit"
         per_example = {"exact": self.likelihood.num_sqrt_columns(output), "mc": self.samples, "empirical": 1}
         rows = output.shape[0] * per_example[self.estimator]
-        return "dense" if low_rank_is_cheaper(rows, size) and rows * size <= ROWS_LIMIT else "implicit"
+        entries = self._row_entries(rows)
+        rows_cost = rows * entries + rows**3 / 3  # the Woodbury Gram M²·width and its Cholesky
+        cheaper = rows_cost <= CG_PASSES * output.shape[0] * size
+        return "dense" if cheaper and entries <= ROWS_LIMIT else "implicit"
+
+    def _row_entries(self, rows: int) -> int:
+        """Entries of the batch's M = ``rows`` gradient rows as :func:`_batch_rows` keeps them:
+        M(O + D) for a layer called once on [N, in] (factored), M·size for any other block."""
+        total = 0
+        for i, block in enumerate(self.blocks):
+            adapter = self.adapters.get(i)
+            captured = None if adapter is None else self.capture.inputs.get(adapter.name)
+            if captured is not None and captured.dim() == 2 and adapter.groups == 1 \
+                    and self.capture.calls.get(adapter.name) == 1:
+                total += rows * sum(adapter.matrix_shape[1:])
+            else:
+                total += rows * block.size
+        return total
 
     def _statistics_batch(self) -> BatchData | None:
         if self.structure == "implicit" and not self._rows_instead_of_graph():
