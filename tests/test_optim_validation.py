@@ -166,3 +166,22 @@ def test_state_dict_of_another_architecture_is_refused(name):
     with pytest.raises(ValueError, match="other parameter shapes"):
         make(name, wide, estimator="empirical").load_state_dict(opt.state_dict())
     make(name, mlp(82), estimator="empirical").load_state_dict(opt.state_dict())  # same shapes: fine
+
+
+def test_warnings_point_at_the_callers_line():
+    """natgrad's warnings name the user's line, not natgrad's frames or torch's no_grad wrapper
+    (their depth differs: EKFAC → KFAC → base __init__, step() under @torch.no_grad())."""
+    import warnings
+
+    model = mlp(83)
+    x, y = data(model, 6)
+    x[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optim().EKFAC(model, estimator="exact", samples=2).remove_hooks()
+        opt = optim().NGD(model)
+        out = model(x)
+        opt.backward(torch.nn.functional.cross_entropy(out, y), out)
+        opt.step()
+    assert len(caught) == 3
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]

@@ -12,10 +12,10 @@ F = (1/N) Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n (J_n = ∂f(x_n)/∂θ):
 from __future__ import annotations
 
 import math
-import warnings
 
 from torch import Tensor
 
+from .errors import warn
 from .likelihoods import Likelihood
 
 ESTIMATORS = ("exact", "mc", "empirical")
@@ -27,9 +27,8 @@ def check_estimator(estimator: str, samples: int) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if estimator != "mc" and samples != 1:
-        warnings.warn(f"samples={samples} has no effect: only estimator='mc' draws samples, "
-                      f"{estimator!r} uses {'the closed-form expectation' if estimator == 'exact' else 'the labels'}",
-                      UserWarning, stacklevel=3)
+        warn(f"samples={samples} has no effect: only estimator='mc' draws samples, "
+             f"{estimator!r} uses {'the closed-form expectation' if estimator == 'exact' else 'the labels'}")
 
 
 def backprop_vectors(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from contextlib import ExitStack
 from typing import Iterator
 
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..distributed import Communicator, assign_owners, unwrap
+from ..errors import warn
 from .reduction import agree_on_pass, communicator_for, reduce_sums
 from .whitened import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 from .whitening import Whitening, layer_sums, statistics_dtype, whitening_from_moments
@@ -296,8 +296,8 @@ def reparametrize_with(model: nn.Module, inputs, eps: float, comm: Communicator 
     whitenings = _whitenings(sums, eps, comm)
     for name, layer in layers:
         if sums[name].count == 0:
-            warnings.warn(f"whitened layer {name!r} was not called on the inputs: its whitening is unchanged",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"whitened layer {name!r} was not called on the inputs: its whitening is unchanged",
+                 RuntimeWarning)
             info[name] = None
             continue
         if isinstance(whitenings[name], str):

@@ -20,7 +20,6 @@ and options; on the first step, that the gradients are identical (DDP averages t
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from ..collect import BatchData, Collector, LayerData
 from ..distributed import Communicator, model_fingerprint, resolve_group, unwrap
+from ..errors import warn
 from ..estimators import backprop_vectors, check_estimator
 from ..layers.base import LayerAdapter
 from ..layout import Block, model_dtype_device, parameter_blocks
@@ -176,7 +176,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         if not isinstance(output, Tensor):
             raise TypeError(f"output must be the model's output tensor, got {type(output).__name__}")
         if not torch.isfinite(loss):
-            warnings.warn(f"non-finite loss {float(loss.detach())}: the next step() is skipped", RuntimeWarning, stacklevel=2)
+            warn(f"non-finite loss {float(loss.detach())}: the next step() is skipped", RuntimeWarning)
             self._skip = True
             if self.comm is not None:
                 # the other ranks' DDP backward waits for this rank's gradients; the averaged
@@ -259,14 +259,14 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         self._check_group_values()
         if self._skip:
             self._skip = False
-            warnings.warn("non-finite loss: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
+            warn("non-finite loss: step skipped, parameters and state untouched", RuntimeWarning)
             self._finish_step(advance=False)
             return None
         grads = self._flat_grads()
         if grads is None:
             raise RuntimeError("step() found no gradients: call opt.backward(loss, output) (or loss.backward()) first")
         if not _all_finite(grads):
-            warnings.warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning, stacklevel=2)
+            warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning)
             self._finish_step(advance=False)
             return None
         if self.comm is not None and not self._grads_checked:
@@ -285,7 +285,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             grads = grads + weight_decay * self._flat_params()
         direction = self._direction(grads)
         if not _all_finite(direction):
-            warnings.warn("non-finite preconditioned direction: step skipped", RuntimeWarning, stacklevel=2)
+            warn("non-finite preconditioned direction: step skipped", RuntimeWarning)
             self._finish_step(advance=False)
             return None
         update, model = self._update(direction, grads)

@@ -21,12 +21,12 @@ traffic, more per-step traffic). ``"replicated"`` computes everything everywhere
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from ..collect import BatchData
+from ..errors import warn
 from ..likelihoods import Likelihood
 from ..linalg import symmetric_eigh
 from ..statistics import input_gram, output_gram
@@ -124,11 +124,9 @@ class KFAC(CurvatureOptimizer):
         self.other_blocks = [i for i in range(len(self.blocks)) if i not in self.adapters]
         if self.other_blocks:
             names = ", ".join(repr(self.blocks[i].name) for i in self.other_blocks)
-            warnings.warn(
+            warn(
                 f"{type(self).__name__}: modules {names} have no Kronecker layer adapter; their "
-                f"parameters are updated with other={other!r}",
-                UserWarning,
-                stacklevel=2,
+                f"parameters are updated with other={other!r}"
             )
         self.stat_updates = 0
         self._owners: dict[int, int] | None = None

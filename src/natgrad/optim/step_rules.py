@@ -9,11 +9,11 @@ momentum. Adaptive damping (Levenberg–Marquardt) compares the loss change with
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
+from ..errors import warn
 from ..linalg import weighted_dot
 from .quadratic import quadratic_model
 
@@ -36,11 +36,9 @@ class StepRules:
         rescale = policy.rescale
         if rescale == "quadratic" and self._linearized is None:
             if not self._warned_no_graph:
-                warnings.warn(
+                warn(
                     "the exact-Fisher quadratic model needs the graph, which loss.backward() freed: "
-                    "steps use rescale='kl_clip' instead; call opt.backward(loss, output) to keep it",
-                    UserWarning,
-                    stacklevel=3,
+                    "steps use rescale='kl_clip' instead; call opt.backward(loss, output) to keep it"
                 )
                 self._warned_no_graph = True
             rescale = "kl_clip"
