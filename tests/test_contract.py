@@ -163,6 +163,21 @@ def test_zero_damping_on_rounding_level_ekfac_scales_raises():
     assert torch.isfinite(F.solve(torch.ones(F.size, dtype=H.DT), damping=1e-3)).all()
 
 
+def test_zero_damping_on_an_invertible_float32_kfac_solves():
+    """The rounding floor of λ_G λ_A is (O + D)·u·max, not O·D·u·max: a float32 K-FAC block whose
+    smallest scale is 1.3e-4 of the largest (between the two floors for 64×65) is invertible."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    F = H.lib().fisher(model, torch.randn(1000, 64), likelihood="gaussian", structure="kfac")
+    values_a, _, values_g, _ = F.operators[0].eigen
+    ratio = float((values_g.min() * values_a.min()) / (values_g.max() * values_a.max()))
+    eps = torch.finfo(torch.float32).eps
+    assert (64 + 65) * eps < ratio < 64 * 65 * eps
+    v = torch.randn(F.size)
+    x = F.solve(v, 0.0)
+    H.assert_rel_close(F @ x, v, 1e-2, "F (F⁻¹ v) in float32, cond ~1e4")
+
+
 @pytest.mark.parametrize("structure", H.STRUCTURES)
 def test_several_vectors_at_once(structure):
     """F @ V and F.solve(V, d) for V [P, m] act column by column (FisherMatrix docstring)."""

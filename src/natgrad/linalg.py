@@ -74,9 +74,10 @@ def rounding_floor(largest: float, size: int, dtype: torch.dtype) -> float:
 def check_invertible(values: Tensor | float, damping: float, size: int | None = None) -> None:
     """ValueError if M + damping·I is singular, M ⪰ 0 with eigenvalues ``values``.
 
-    ``size``: the values come from an eigendecomposition of a [size, size] matrix (or are
-    products/second moments in such a basis), so with damping 0 those at or below
-    :func:`rounding_floor` are zeros carrying rounding noise, not tiny pivots to divide by.
+    ``size``: the values come from an eigendecomposition of a [size, size] matrix, so with
+    damping 0 those at or below :func:`rounding_floor` are zeros carrying rounding noise, not
+    tiny pivots to divide by. For the products λ_G λ_A of an O×O and a D×D eigenproblem (and
+    EKFAC's second moments in that basis) the error is (O + D)·u·max: pass size = O + D.
     """
     if isinstance(values, Tensor):
         smallest = float(values.min())

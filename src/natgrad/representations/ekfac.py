@@ -37,7 +37,7 @@ class EKFACBlock(BlockOperator):
         return self._from_basis(self.scales * self._in_basis(v))
 
     def solve(self, v, damping, tol, max_iter) -> Tensor:
-        check_invertible(self.scales, damping, size=self.scales.shape[-2] * self.scales.shape[-1])
+        check_invertible(self.scales, damping, size=self.scales.shape[-2] + self.scales.shape[-1])
         return self._from_basis(self._in_basis(v) / (self.scales + damping))
 
     def to_dense(self) -> Tensor:

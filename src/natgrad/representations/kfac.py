@@ -43,7 +43,7 @@ class KFACBlock(BlockOperator):
     def solve(self, v, damping, tol, max_iter) -> Tensor:
         values_a, vectors_a, values_g, vectors_g = self.eigen
         scale = values_g.unsqueeze(-1) * values_a.unsqueeze(-2)  # [G, O, D]
-        check_invertible(scale, damping, size=scale.shape[-2] * scale.shape[-1])
+        check_invertible(scale, damping, size=scale.shape[-2] + scale.shape[-1])
         m = vectors_g.mT @ to_matrices(self.adapter, v) @ vectors_a
         return from_matrices(self.adapter, vectors_g @ (m / (scale + damping)) @ vectors_a.mT)
 
