@@ -192,3 +192,27 @@ def test_auto_prices_the_rows_against_a_cg_solve(batch, estimator, expected):
     change = step_change(opt, model, x, y)
     assert opt.structure == expected
     assert bool(torch.isfinite(change).all()) and float(change.abs().max()) > 0
+
+
+def test_plain_backward_implicit_rows_respect_the_limit(monkeypatch):
+    """Above ROWS_LIMIT the captured rows are not stored: the step asks for opt.backward."""
+    import natgrad.optim.ngd as ngd_module
+
+    monkeypatch.setattr(ngd_module, "ROWS_LIMIT", 10)
+    O = optim()
+    model = mlp(50)
+    x, y = data(model, 5)
+    opt = O.NGD(model, estimator="empirical", structure="implicit")
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"opt.backward\(loss, output\)"):
+        opt.step()
+
+
+def test_zero_damping_with_fewer_rows_than_parameters_fails_before_forming_the_matrix(monkeypatch):
+    from natgrad.representations.low_rank import LowRankFisher
+
+    F, _ = _low_rank(5, 20, n=5)
+    monkeypatch.setattr(LowRankFisher, "_to_dense", lambda self: pytest.fail("formed the P×P matrix"))
+    with pytest.raises(ValueError, match="singular"):
+        F.solve(torch.ones(20, dtype=DT), 0.0)

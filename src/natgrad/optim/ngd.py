@@ -142,8 +142,12 @@ class NGD(CurvatureOptimizer):
 
     def _rows_instead_of_graph(self) -> bool:
         """A plain ``loss.backward()`` with the empirical Fisher (one process): no graph for the
-        matrix-free products, but the per-example gradients it captured hold the same F."""
-        return self.estimator == "empirical" and self._pending is None and self.comm is None
+        matrix-free products, but the per-example gradients it captured hold the same F (used
+        when they take at most ROWS_LIMIT entries)."""
+        if self.estimator != "empirical" or self._pending is not None or self.comm is not None:
+            return False
+        scores = self.capture.root_grad
+        return scores is not None and self._row_entries(scores.shape[0]) <= ROWS_LIMIT
 
     def backward(self, loss: Tensor, output: Tensor) -> None:
         if self.structure_option == "auto" and isinstance(output, Tensor) and output.dim() > 0:
@@ -182,9 +186,9 @@ class NGD(CurvatureOptimizer):
     def _graph_fisher(self) -> GraphFisher:
         if self._pending is None:
             raise RuntimeError(
-                f"NGD with the implicit structure and the {self.estimator!r} Fisher"
-                + (" over several processes" if self.estimator == "empirical" else "")
-                + " needs the graph: call opt.backward(loss, output) instead of loss.backward()"
+                f"NGD with the implicit structure and the {self.estimator!r} Fisher needs the graph: "
+                "call opt.backward(loss, output) instead of loss.backward() (the empirical Fisher's "
+                f"gradient rows stand in for it only in one process and up to {ROWS_LIMIT:,} entries)"
             )
         output = self._pending[0]
         if self.estimator == "empirical":

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..layers.base import LayerAdapter
 from ..layout import Block
+from ..linalg import check_invertible
 from .base import FisherMatrix
 from .dense import cholesky_solve
 
@@ -36,6 +37,7 @@ class ExplicitRows:
 
     def __init__(self, rows: Tensor) -> None:
         self.rows = rows
+        self.count = rows.shape[0]  # M
 
     def times(self, v: Tensor) -> Tensor:
         """U_b V for V [size, m] -> [M, m]."""
@@ -65,6 +67,7 @@ class FactoredRows:
         self.adapter = adapter
         self.grads = grads
         self.inputs = inputs
+        self.count = grads.shape[0]  # M
 
     def times(self, v: Tensor) -> Tensor:
         matrices = self.adapter.to_matrix(v.T)[:, 0]  # [m, O, D]
@@ -111,7 +114,9 @@ class LowRankFisher(FisherMatrix):
         return self._transpose_times(self._times(v)) / self.examples
 
     def _solve(self, v, damping, tol, max_iter) -> Tensor:
-        if damping == 0:  # no Woodbury form; singular anyway when M < P (a clear error)
+        if damping == 0:  # no Woodbury form
+            if self.parts[0].count < self.size:
+                check_invertible(0.0, 0.0)  # rank ≤ M < P: singular, without forming P×P
             return cholesky_solve(self._to_dense(), v, 0.0)
         small = sum(part.gram() for part in self.parts)
         small.diagonal().add_(self.examples * damping)
