@@ -12,8 +12,8 @@ from helpers_models import (DT, EmbedNet, Reversed, Tied, Token4D, TokenMLP, Unu
                             attention_net, batchnorm_net, cnn, cnn_exotic, cnn_inplace,
                             cnn_padmodes, conv1d_net, custom_net, embed_net, groupnorm_net,
                             layernorm_net, linear_subclass_net, mlp, recurrent_net,
-                            reversed_net, seeded, shared_net, tied_net, token4d, token_mlp,
-                            unused_net)
+                            registered_twice_net, reversed_net, seeded, shared_net, tied_net,
+                            token4d, token_mlp, unused_net)
 
 __all__ = ["STRUCTURES", "GENERIC_STRUCTURES", "KRON_STRUCTURES", "ESTIMATORS", "LIKELIHOODS",
            "RTOL", "CG_TOL", "lib", "inputs_for", "targets_for", "make_data", "lik_arg",
@@ -21,7 +21,8 @@ __all__ = ["STRUCTURES", "GENERIC_STRUCTURES", "KRON_STRUCTURES", "ESTIMATORS", 
            "assert_unchanged", "DT", "seeded", "mlp", "cnn", "cnn_exotic", "cnn_padmodes",
            "cnn_inplace", "tied_net", "recurrent_net", "attention_net", "conv1d_net",
            "groupnorm_net", "linear_subclass_net", "token4d", "unused_net", "layernorm_net",
-           "batchnorm_net", "custom_net", "embed_net", "token_mlp", "reversed_net", "shared_net"]
+           "batchnorm_net", "custom_net", "embed_net", "token_mlp", "reversed_net", "shared_net",
+           "registered_twice_net"]
 
 STRUCTURES = ("dense", "block_diagonal", "diagonal", "kron_sum", "kfac", "ekfac", "implicit")
 GENERIC_STRUCTURES = ("dense", "block_diagonal", "diagonal", "implicit")
@@ -174,6 +175,7 @@ def snapshot(model):
         training={name: m.training for name, m in model.named_modules()},
         requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
         params={name: p.detach().clone() for name, p in model.named_parameters()},
+        param_objects={name: (id(p), type(p)) for name, p in model.named_parameters(remove_duplicate=False)},
         grads={name: (None if p.grad is None else p.grad.detach().clone())
                for name, p in model.named_parameters()},
         buffers={name: b.detach().clone() for name, b in model.named_buffers()},
@@ -185,7 +187,7 @@ def snapshot(model):
 def assert_unchanged(model, snap):
     now = snapshot(model)
     for key in ("hooks", "tensor_hooks", "global_hooks", "training", "requires_grad",
-                "grad_enabled", "default_dtype"):
+                "grad_enabled", "default_dtype", "param_objects"):
         assert now[key] == snap[key], f"model {key} changed: before {snap[key]} after {now[key]}"
     for key in ("params", "buffers"):
         assert now[key].keys() == snap[key].keys()

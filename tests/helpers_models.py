@@ -297,3 +297,11 @@ def reversed_net(seed=0):
 def shared_net(seed=0):
     seeded(seed)
     return Shared().to(DT)
+
+
+def registered_twice_net(seed=0):
+    """One Linear module object at two places of a Sequential ("2" and "4"): its parameters
+    are listed once (as "2.*") and used twice."""
+    seeded(seed)
+    inner = nn.Linear(4, 4)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), inner, nn.Tanh(), inner, nn.Linear(4, 3)).to(DT)

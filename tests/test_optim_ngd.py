@@ -239,3 +239,23 @@ def test_unused_layer_mc_and_exact(estimator):
     assert float(change[offsets["unused.weight"]].abs().max()) == 0.0
     if estimator == "exact":
         H.assert_rel_close(change / 0.3, solve(F, grad, 0.1), 1e-9, "unused layer, exact")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_module_registered_twice_steps_exactly_and_keeps_its_parameters(estimator):
+    """A Linear object at two places of a Sequential goes through the generic per-example path:
+    the step is the reference's, and the module still holds the optimizer's Parameters after
+    it (a plain tensor there would silently freeze those weights)."""
+    O = optim()
+    model = H.registered_twice_net(51)
+    inner = model[2]
+    weight, bias = inner.weight, inner.bias
+    lam, lr = 0.05, 0.5
+    opt = O.NGD(model, lr=lr, damping=lam, estimator=estimator)
+    for seed in (1, 2):
+        x, y = data(model, 6, seed=seed)
+        F = ref.fisher_dense(model, x, y, "categorical", estimator)
+        grad = grad_of(model, x, y)
+        change = step_change(opt, model, x, y)
+        H.assert_rel_close(change / lr, solve(F, grad, lam), 1e-9, f"step with seed {seed}")
+        assert inner.weight is weight and inner.bias is bias and model[4] is inner

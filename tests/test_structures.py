@@ -201,6 +201,21 @@ def test_tied_weights_generic(structure):
     H.assert_rel_close(F.to_dense(), want, H.RTOL, f"tied weights {structure}")
 
 
+@pytest.mark.parametrize("structure", H.GENERIC_STRUCTURES)
+def test_module_registered_twice(structure):
+    """One Linear object at two places of a Sequential: its parameters count once, both uses
+    enter the Fisher, and the model keeps its Parameter objects (torch.func's weight tying
+    used to leave the module holding a plain tensor)."""
+    model = H.registered_twice_net(19)
+    x, y = H.make_data(model, "categorical", 4)
+    snap = H.snapshot(model)
+    F = fisher(model, x, structure=structure)
+    H.assert_unchanged(model, snap)
+    assert F.size == ref.num_params(model)
+    want = H.expected_matrix(model, x, y, "categorical", "exact", structure)
+    H.assert_rel_close(F.to_dense(), want, H.RTOL, f"registered twice {structure}")
+
+
 @pytest.mark.parametrize("structure", H.KRON_STRUCTURES)
 def test_tied_weights_kron_structures_refuse(structure):
     """Tied weights are weight sharing (one matrix used by two layer calls): like a Linear

@@ -40,14 +40,40 @@ def modes(model: nn.Module, recorded: list[tuple[nn.Module, bool]]) -> Iterator[
 def model_function(model: nn.Module, others: dict[str, Tensor]) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
     """f(params, x) = model(x) with ``params`` substituted for the trainable parameters and the
     modules in the train/eval modes they have now. Attention runs on PyTorch's composite
-    ("math") kernel, the one with forward-mode and higher-order derivatives."""
+    ("math") kernel, the one with forward-mode and higher-order derivatives.
+
+    Tied parameters: each (module, attribute) slot is substituted once, with ``tie_weights``
+    off — a parameter held by a second module gets the same tensor under that module's name,
+    a module registered under two names is one slot (torch's own weight tying left such a
+    module holding the substitute tensor instead of its Parameter after the call).
+    """
     recorded = [(m, m.training) for m in model.modules()]
+    aliases = _tied_aliases(model)
 
     def f(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        values = {**others, **params}
+        values.update({alias: values[name] for alias, name in aliases.items() if name in values})
         with modes(model, recorded), sdpa_kernel([SDPBackend.MATH]):
-            return functional_call(model, {**others, **params}, (x,))
+            return functional_call(model, values, (x,), tie_weights=False)
 
     return f
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name in a second module: the parameter's name in ``named_parameters()``} for parameters
+    held by more than one module object (a module registered twice is not listed: one slot)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    seen: set[tuple[int, str]] = set()
+    aliases = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is None or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            name = f"{prefix}.{attr}" if prefix else attr
+            if name != canonical[id(param)]:
+                aliases[name] = canonical[id(param)]
+    return aliases
 
 
 def per_example_gradients(
