@@ -41,6 +41,12 @@ def iter_batches(
         raise ValueError("data is empty: it yielded no examples")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """No inf/NaN in ``tensor``: a finite sum says so in one pass without a mask; otherwise look
+    element-wise (a sum of finite values can overflow)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def run_model(model: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """``model(*args)``, with a failure of the model on these inputs (wrong feature size or
     dtype, ...) reported as the ValueError of bad data it is, torch's message attached."""
@@ -92,7 +98,7 @@ def _check(inputs: Tensor, targets: Tensor | None, *, need_targets: bool, dtype:
                 f"inputs are {inputs.dtype} but the model is {dtype}; convert one of them "
                 f"(e.g. inputs.to({dtype}) or model.to({inputs.dtype}))"
             )
-        if not bool(torch.isfinite(inputs).all()):
+        if not all_finite(inputs):
             raise ValueError(
                 "inputs contain NaN or Inf; remove or replace those examples (e.g. with "
                 "torch.nan_to_num) before computing the Fisher"

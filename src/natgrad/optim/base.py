@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collect import BatchData, Collector, LayerData
+from ..data import all_finite
 from ..distributed import Communicator, model_fingerprint, resolve_group, unwrap
 from ..errors import warn
 from ..estimators import backprop_vectors, check_estimator
@@ -265,7 +266,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         grads = self._flat_grads()
         if grads is None:
             raise RuntimeError("step() found no gradients: call opt.backward(loss, output) (or loss.backward()) first")
-        if not _all_finite(grads):
+        if not all_finite(grads):
             warn("non-finite gradient: step skipped, parameters and state untouched", RuntimeWarning)
             self._finish_step(advance=False)
             return None
@@ -284,7 +285,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         if weight_decay is not None:
             grads = grads + weight_decay * self._flat_params()
         direction = self._direction(grads)
-        if not _all_finite(direction):
+        if not all_finite(direction):
             warn("non-finite preconditioned direction: step skipped", RuntimeWarning)
             self._finish_step(advance=False)
             return None
@@ -379,8 +380,3 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
     def _direction(self, grads: Tensor) -> Tensor:
         raise NotImplementedError
 
-
-def _all_finite(vector: Tensor) -> bool:
-    """No inf/NaN in ``vector``: a finite sum says so in one pass; otherwise look element-wise
-    (a sum of finite values can overflow)."""
-    return bool(torch.isfinite(vector.sum())) or bool(torch.isfinite(vector).all())
