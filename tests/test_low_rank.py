@@ -216,3 +216,20 @@ def test_zero_damping_with_fewer_rows_than_parameters_fails_before_forming_the_m
     monkeypatch.setattr(LowRankFisher, "_to_dense", lambda self: pytest.fail("formed the P×P matrix"))
     with pytest.raises(ValueError, match="singular"):
         F.solve(torch.ones(20, dtype=DT), 0.0)
+
+
+def test_float32_woodbury_with_a_gram_far_above_the_damping():
+    """UUᵀ ~ 1e9 and singular (repeated rows) against Nε ~ 1e-2: NεI + UUᵀ is positive definite,
+    but its float32 rounding errors (~u · 1e9) swamp Nε and the float32 Cholesky fails.
+    The M×M system is solved in float64; the answer keeps float32 accuracy norm-wise (its bulk,
+    v's part outside the rows' span over ε, is formed exactly as in the dense solve)."""
+    from natgrad.layout import Block
+    from natgrad.representations.low_rank import ExplicitRows, LowRankFisher
+
+    rows = 1e4 * torch.randn(4, 50, generator=RNG, dtype=torch.float64).repeat(2, 1)  # rank 4 of 8
+    v = torch.randn(50, generator=RNG, dtype=torch.float64)
+    F = LowRankFisher((Block("layer", ("weight",), 0, 50),), [ExplicitRows(rows.float())], 8)
+    x = F.solve(v.float(), 1e-3)
+    expected = torch.linalg.solve(rows.T @ rows / 8 + 1e-3 * torch.eye(50, dtype=torch.float64), v)
+    assert x.dtype == torch.float32
+    H.assert_rel_close(x.double(), expected, 1e-4, "float32 Woodbury solve")

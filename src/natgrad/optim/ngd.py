@@ -54,7 +54,7 @@ class NGD(CurvatureOptimizer):
         self,
         model: nn.Module,
         lr: float = 0.3,
-        damping: float = 0.3,
+        damping: float = 1.0,
         likelihood: str | Likelihood = "categorical",
         estimator: str = "mc",
         samples: int = 1,

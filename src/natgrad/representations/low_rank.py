@@ -47,9 +47,10 @@ class ExplicitRows:
         """U_bᵀ W for W [M, m] -> [size, m]."""
         return self.rows.T @ w
 
-    def gram(self) -> Tensor:
-        """U_b U_bᵀ [M, M]."""
-        return self.rows @ self.rows.T
+    def gram(self, dtype: torch.dtype) -> Tensor:
+        """U_b U_bᵀ [M, M], computed in ``dtype``."""
+        rows = self.rows.to(dtype)
+        return rows @ rows.T
 
     def square_sums(self) -> Tensor:
         """Σ_m U_b[m]² [size]."""
@@ -77,8 +78,9 @@ class FactoredRows:
         matrices = (self.grads.T * w.T.unsqueeze(1)) @ self.inputs  # [m, O, M] @ [M, D]
         return self.adapter.from_matrix(matrices.unsqueeze(1)).T
 
-    def gram(self) -> Tensor:
-        return (self.grads @ self.grads.T) * (self.inputs @ self.inputs.T)
+    def gram(self, dtype: torch.dtype) -> Tensor:
+        grads, inputs = self.grads.to(dtype), self.inputs.to(dtype)
+        return (grads @ grads.T) * (inputs @ inputs.T)
 
     def square_sums(self) -> Tensor:
         return self.adapter.from_matrix((self.grads.square().T @ self.inputs.square()).unsqueeze(0))
@@ -118,12 +120,15 @@ class LowRankFisher(FisherMatrix):
             if self.parts[0].count < self.size:
                 check_invertible(0.0, 0.0)  # rank ≤ M < P: singular, without forming P×P
             return cholesky_solve(self._to_dense(), v, 0.0)
-        small = sum(part.gram() for part in self.parts)
+        # NεI + UUᵀ is positive definite, but float32 rounding of UUᵀ (~u·max) can swamp Nε
+        # and break its Cholesky: the M×M system is formed and solved in float64
+        small = sum(part.gram(torch.float64) for part in self.parts)
         small.diagonal().add_(self.examples * damping)
         factor, info = torch.linalg.cholesky_ex(small)
         if int(info) != 0:
             raise ValueError(f"F + {damping:g} I is not numerically positive definite; increase damping")
-        return (v - self._transpose_times(torch.cholesky_solve(self._times(v), factor))) / damping
+        coefficients = torch.cholesky_solve(self._times(v).to(torch.float64), factor).to(self.dtype)
+        return (v - self._transpose_times(coefficients)) / damping
 
     def _to_dense(self) -> Tensor:
         rows = torch.cat([part.materialise() for part in self.parts], dim=1)
