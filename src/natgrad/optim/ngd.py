@@ -7,8 +7,8 @@ rows, F = UᵀU/N, and solved by the Woodbury identity when that is cheaper than
 (:mod:`natgrad.representations.low_rank`): the same matrix, without its P×P storage.
 ``structure="auto"`` stores F densely for models up to 4,096 parameters; above, on each batch
 (one process, no running average), as its gradient rows when their Woodbury solve (M² per
-stored row entry, M³/3) costs less than a CG solve (priced at 30 passes of N·P) and they hold at
-most 2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward,
+stored row entry, M³/3) costs less than a CG solve (priced at 30 passes through the layers) and
+they hold at most 2²⁵ entries, and otherwise matrix-free on the batch's own graph (J v by double backward,
 Jᵀ u by backward) with conjugate-gradient solves. The empirical Fisher after a plain
 ``loss.backward()`` (no graph kept) is solved from the rows the capture recorded instead: the
 same matrix, solved directly. Rows of a Linear on [N, in] stay factored as (g, ā): the Woodbury
@@ -43,7 +43,7 @@ from .graph_fisher import GraphFisher
 
 DENSE_LIMIT = 4096
 ROWS_LIMIT = 2**25  # entries of the gradient rows U an "auto" step above DENSE_LIMIT may keep
-CG_PASSES = 30  # what "auto" prices a CG solve at: ~10 iterations of J·v and Jᵀu, ~3 passes of N·P each
+CG_PASSES = 30  # what "auto" prices a CG solve at: ~10 iterations of J·v and Jᵀu, ~3 passes each
 AVERAGED = ("dense", "block_diagonal", "diagonal")  # structures whose tensors can be averaged and saved
 
 
@@ -118,8 +118,19 @@ class NGD(CurvatureOptimizer):
         rows = output.shape[0] * per_example[self.estimator]
         entries = self._row_entries(rows)
         rows_cost = rows * entries + rows**3 / 3  # the Woodbury Gram M²·width and its Cholesky
-        cheaper = rows_cost <= CG_PASSES * output.shape[0] * size
+        cheaper = rows_cost <= CG_PASSES * self._pass_cost(output.shape[0])
         return "dense" if cheaper and entries <= ROWS_LIMIT else "implicit"
+
+    def _pass_cost(self, examples: int) -> int:
+        """Multiply-adds of one pass through the model as the capture saw it: a layer's output
+        entries times its inputs per output (N·O·D for a Linear, every position's for a
+        convolution), N·size for any other block."""
+        total = 0
+        for i, block in enumerate(self.blocks):
+            adapter = self.adapters.get(i)
+            output = None if adapter is None else self.capture.outputs.get(adapter.name)
+            total += examples * block.size if output is None else output.numel() * adapter.matrix_shape[2]
+        return total
 
     def _row_entries(self, rows: int) -> int:
         """Entries of the batch's M = ``rows`` gradient rows as :func:`_batch_rows` keeps them:
