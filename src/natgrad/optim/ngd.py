@@ -53,7 +53,7 @@ class NGD(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.3,
+        lr: float = 1.0,
         damping: float = 1.0,
         likelihood: str | Likelihood = "categorical",
         estimator: str = "mc",
