@@ -149,7 +149,7 @@ class Collector:
         self.likelihood.check_output(output)
         if targets is not None:  # also where unused (exact, mc): labels that do not fit are a mistake
             self.likelihood.check_target(output, targets)
-        vectors = backprop_vectors(self.likelihood, self.estimator, output.detach().to(self.dtype), targets, self.samples)
+        vectors = backprop_vectors(self.likelihood, self.estimator, output.to(self.dtype), targets, self.samples)
         return self.from_capture(capture, inputs, output, vectors)
 
     def from_capture(

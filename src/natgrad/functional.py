@@ -66,8 +66,8 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
     seen: set[tuple[int, str]] = set()
     aliases = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, param in module._parameters.items():
-            if param is None or (id(module), attr) in seen:
+        for attr, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if (id(module), attr) in seen:
                 continue
             seen.add((id(module), attr))
             name = f"{prefix}.{attr}" if prefix else attr

@@ -217,7 +217,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
                 "natgrad's Fisher backprop needs it intact: use inplace=False"
             )
         self.likelihood.check_output(output)
-        vectors = backprop_vectors(self.likelihood, self.estimator, output.detach().to(self.dtype), None, self.samples)
+        vectors = backprop_vectors(self.likelihood, self.estimator, output.to(self.dtype), None, self.samples)
         return self.collector.from_capture(
             self.capture, self._model_inputs(output), output, vectors, retain_graph=keep_graph
         )
