@@ -29,6 +29,7 @@ class Method:
     kind: str  # sgd | kfac | ekfac
     stat_every: int = 1
     stat_fraction: float = 1.0
+    stat_min_examples: int = 32  # natgrad's Schedule default
     rescale: str = "quadratic"
     target: float | None = None  # on the ratio to SGD, at batch 256 only
     peer: tuple[str, float] | None = None  # at batch 256 only (PEERS.md §5, amortised)
@@ -37,16 +38,16 @@ class Method:
 
 
 METHODS = [
-    Method("kfac", "KFAC(likelihood='categorical', schedule=Schedule(inverse_every=10))", "kfac",
-           target=3.0, peer=("kfac-pytorch", 5.0), floor_target=1.25),
+    Method("kfac", "KFAC(likelihood='categorical') (defaults: Schedule(stat_fraction=1/8, inverse_every=10))",
+           "kfac", stat_fraction=1 / 8, target=3.0, peer=("kfac-pytorch", 5.0), floor_target=1.25),
     Method("ekfac", "EKFAC(likelihood='categorical', schedule=Schedule(inverse_every=10))",
            "ekfac", vs_kfac_target=1.3),
     Method("kfac-klclip", "KFAC(..., step_policy=StepPolicy(rescale='kl_clip'))", "kfac",
-           rescale="kl_clip"),
-    Method("kfac-stat10", "KFAC(..., schedule=Schedule(stat_every=10, inverse_every=10))",
-           "kfac", stat_every=10),
-    Method("kfac-tau8", "KFAC(..., schedule=Schedule(stat_fraction=1/8, inverse_every=10))",
-           "kfac", stat_fraction=1 / 8),
+           stat_fraction=1 / 8, rescale="kl_clip"),
+    Method("kfac-stat10", "KFAC(..., schedule=Schedule(stat_every=10, stat_fraction=1/8, inverse_every=10))",
+           "kfac", stat_every=10, stat_fraction=1 / 8),
+    Method("kfac-tau1", "KFAC(..., schedule=Schedule(inverse_every=10)) (statistics of whole batches)",
+           "kfac"),
 ]
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 
@@ -80,6 +81,7 @@ class Trainer:
             self.opt = cls(self.model, likelihood="categorical",
                            schedule=o.Schedule(stat_every=method.stat_every,
                                                stat_fraction=method.stat_fraction,
+                                               stat_min_examples=method.stat_min_examples,
                                                inverse_every=INVERSE_EVERY),
                            step_policy=o.StepPolicy(rescale=method.rescale))
             self._step = self._natgrad_step
@@ -124,7 +126,8 @@ class Trainer:
 def flops(method: Method, n: int) -> dict:
     """FLOPs (2 x multiply-adds) per step, amortised, for batch ``n`` (module docstring)."""
     fwd_bwd = precond = stats = inverse = mc_backprop = quad = factored_saving = 0.0
-    rows = math.ceil(n * method.stat_fraction)  # the examples that enter the statistics
+    # the examples that enter the statistics
+    rows = min(n, max(math.ceil(n * method.stat_fraction), method.stat_min_examples))
     # EKFAC's projection reuses the scale statistics' āQ_A when those cover every row of every step
     inputs_known = method.kind == "ekfac" and method.stat_every == 1 and method.stat_fraction == 1
     for i, o in LAYERS:

@@ -9,10 +9,11 @@ of the same initial model.
 * SGD step     = zero_grad + forward + cross_entropy + backward + SGD(lr 0.01, momentum 0.9).step()
 * natgrad step = zero_grad + forward + cross_entropy + opt.backward(loss, out) + opt.step()
 
-with ``KFAC(model, likelihood="categorical", schedule=Schedule(inverse_every=10))`` (defaults
-otherwise), ``EKFAC`` the same, and three K-FAC variants (info): ``StepPolicy(rescale="kl_clip")``,
-``Schedule(stat_every=10, inverse_every=10)`` and ``Schedule(stat_fraction=1/8)`` (statistics
-of the first ⌈N/8⌉ examples, τ₁ of Martens & Grosse).
+with ``KFAC(model, likelihood="categorical")`` (defaults: inverses every 10 steps, statistics
+of ⌈N/8⌉ ≥ 32 examples of each batch, Martens & Grosse's τ₁), ``EKFAC`` with its defaults
+(statistics of whole batches), and three K-FAC variants (info): ``StepPolicy(rescale="kl_clip")``,
+``Schedule(stat_every=10, stat_fraction=1/8)`` and ``Schedule(stat_fraction=1)`` (whole
+batches, K-FAC's default before 2026-12-03).
 
 Amortised step time: every timed sample runs a whole number of inverse periods (10 steps
 each), so each sample contains the same share of inverse refreshes; all optimizers are timed
@@ -22,8 +23,9 @@ the SGD step from the same rounds. Per-step clocks within the periods also give 
 
 FLOP floor (multiply-adds x 2), per Linear layer with in=I, out=O, D=I+1, batch N:
 forward+backward 3 N I O; preconditioning O^2 D + O D^2 (two matmuls); statistics N D^2 +
-N O^2 per statistics step (N → ⌈τ₁ N⌉ with stat_fraction; /stat_every amortised); inverses D^3 + O^3 per refresh
-(/inverse_every amortised). ``floor_ratio`` = floor / SGD FLOPs (SGD = forward+backward) is the
+N O^2 per statistics step (N → max(⌈τ₁ N⌉, 32) with stat_fraction; /stat_every amortised);
+inverses D^3 + O^3 per refresh (/inverse_every amortised).
+``floor_ratio`` = floor / SGD FLOPs (SGD = forward+backward) is the
 best ratio any implementation could reach if it ran at the SGD step's FLOP rate;
 ``vs_floor`` = measured ratio / floor_ratio. K-FAC preconditions a layer as (G⁻¹gᵀ)(āA⁻¹),
 N(O^2 + D^2 + O D), where that is cheaper than the two matmuls (EKFAC its projection into the

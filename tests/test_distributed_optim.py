@@ -20,6 +20,7 @@ from helpers import DT, cnn, mlp
 
 GLOBAL_BATCH = 12  # divisible by 2 and 3
 STEPS = 4
+SUBSET_ROWS = 6  # stat_min_examples of the statistics-subset scenario: divisible by 2 and 3
 # Two float64 computations of the same sums in a different order differ by ~1e-16 relative;
 # four optimizer steps (Cholesky, eigh, solves with damping ≥ 1e-3) amplify that by well
 # under 10^4. 1e-9 catches any missing rank, wrong normalisation or unreduced sum (O(1)).
@@ -157,11 +158,11 @@ def resume_scenario(rank: int, world: int) -> dict:
     return {"straight": straight, "resumed": resumed}
 
 
-def factors_scenario(rank: int, world: int) -> dict:
+def factors_scenario(rank: int, world: int, schedule=None) -> dict:
     """Reduced K-FAC factors after one empirical statistics step, and the inputs of each layer."""
     model = make_model("mlp")
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("kfac", ddp, estimator="empirical")
+    opt = make_optimizer("kfac", ddp, estimator="empirical", **({} if schedule is None else {"schedule": schedule}))
     train(opt, ddp, batches("mlp")[:1], rank, world, plain_backward=True)
     state = {name: {k: opt.state[module.weight][k].clone() for k in ("A", "G")}
              for name, module in (("0", model[0]), ("2", model[2]))}
@@ -235,6 +236,10 @@ def everything(rank: int, world: int) -> dict:
         results["scenarios"][name] = scenario(name, rank, world, wrap=True)
     results["resume"] = resume_scenario(rank, world)
     results["factors"] = factors_scenario(rank, world)
+    from natgrad.optim import Schedule
+
+    subset = Schedule(stat_fraction=1 / 8, stat_min_examples=SUBSET_ROWS)
+    results["subset_factors"] = factors_scenario(rank, world, subset)
     results["failures"] = failures_scenario(rank, world)
     return results
 
@@ -285,28 +290,50 @@ def test_resumed_distributed_run_continues_bit_for_bit(ranks):
     assert torch.equal(results[0]["resume"]["straight"], results[-1]["resume"]["straight"])
 
 
-def test_reduced_factors_equal_plain_factors_of_the_union_batch(ranks):
-    """A = mean of [h;1][h;1]ᵀ and G = mean of g gᵀ (g = per-example ∂(−log p)/∂a) over all
-    ranks' examples, computed plainly with autograd here."""
-    world, results = ranks
+def _plain_factors(rows: list[int]) -> dict:
+    """A = mean of [h;1][h;1]ᵀ and G = mean of g gᵀ (g = per-example ∂(−log p)/∂a) over the
+    given examples of the first global batch, computed plainly with autograd."""
     model = make_model("mlp")
     x, y = batches("mlp")[0]
+    x, y = x[rows], y[rows]
     a1 = x @ model[0].weight.T + model[0].bias
     a1.retain_grad()
     h1 = torch.tanh(a1)
     a2 = h1 @ model[2].weight.T + model[2].bias
     a2.retain_grad()
     F.cross_entropy(a2, y, reduction="sum").backward()
-    ones = torch.ones(GLOBAL_BATCH, 1, dtype=DT)
+    ones = torch.ones(len(rows), 1, dtype=DT)
     expected = {}
     for name, h, a in (("0", x, a1), ("2", h1.detach(), a2)):
         hb = torch.cat([h, ones], 1)
-        expected[name] = {"A": hb.T @ hb / GLOBAL_BATCH, "G": a.grad.T @ a.grad / GLOBAL_BATCH}
+        expected[name] = {"A": hb.T @ hb / len(rows), "G": a.grad.T @ a.grad / len(rows)}
+    return expected
+
+
+def _assert_factors(results, key, expected):
     for r in results:
         for name in expected:
-            for key in ("A", "G"):
-                got = r["factors"][name][key].squeeze(0)
-                assert torch.allclose(got, expected[name][key], rtol=0, atol=RTOL * expected[name][key].abs().max())
+            for factor in ("A", "G"):
+                got = r[key][name][factor].squeeze(0)
+                want = expected[name][factor]
+                assert torch.allclose(got, want, rtol=0, atol=RTOL * want.abs().max()), (key, name, factor)
+
+
+def test_reduced_factors_equal_plain_factors_of_the_union_batch(ranks):
+    """The factors of all ranks' examples."""
+    _, results = ranks
+    _assert_factors(results, "factors", _plain_factors(list(range(GLOBAL_BATCH))))
+
+
+def test_statistics_subsets_add_up_over_the_ranks(ranks):
+    """Schedule(stat_fraction=1/8, stat_min_examples=6): each of R ranks takes ⌈6/R⌉ rows of its
+    own slice (⌈τ₁ N/R⌉ = 1 is fewer), so the reduced factors are those of 6 examples in all: the
+    first 3 of each half (2 ranks) or the first 2 of each third (3 ranks)."""
+    world, results = ranks
+    size, take = GLOBAL_BATCH // world, -(-SUBSET_ROWS // world)
+    rows = [rank * size + i for rank in range(world) for i in range(take)]
+    assert len(rows) == SUBSET_ROWS
+    _assert_factors(results, "subset_factors", _plain_factors(rows))
 
 
 def test_mismatched_models_and_options_fail_at_construction_on_every_rank(ranks):

@@ -126,7 +126,10 @@ def _exact(class_name):
     def make(model, task, lr, damping, inputs):
         import natgrad.optim as optim
 
-        return getattr(optim, class_name)(model, likelihood=task.likelihood, estimator="exact", lr=lr or 0.3)
+        # statistics of whole batches: the ranks' subsets (stat_fraction < 1) are rows of their own
+        # batches, not the one process's rows of the global batch
+        return getattr(optim, class_name)(model, likelihood=task.likelihood, estimator="exact", lr=lr or 0.3,
+                                          schedule=optim.Schedule())
 
     return OptimizerSpec(make, lr_grid=(0.3,), curvature=True)
 

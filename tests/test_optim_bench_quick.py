@@ -139,16 +139,22 @@ def test_flop_floor_by_hand():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import optim_bench as B
 
-    f = B.flops(B.METHODS_BY_NAME["kfac"], 256)
-    macs = saved = 0
-    for i, o in [(784, 512), (512, 256), (256, 10)]:
-        d = i + 1
-        full, factored = o * o * d + o * d * d, 256 * (o * o + d * d + o * d)
-        macs += 3 * 256 * i * o + full + 256 * (d * d + o * o) + (d**3 + o**3) / 10
-        saved += max(0, full - factored)  # layer 1 only: the factored form is cheaper there
-    assert math.isclose(f["floor"], 2 * macs, rel_tol=1e-12)
-    assert saved > 0 and math.isclose(f["floor_factored"], 2 * (macs - saved), rel_tol=1e-12)
-    assert math.isclose(f["sgd"], 2 * 3 * 256 * (784 * 512 + 512 * 256 + 256 * 10), rel_tol=1e-12)
+    # the default statistics use max(⌈256/8⌉, 32) = 32 rows; kfac-tau1 all 256
+    for name, rows in (("kfac", 32), ("kfac-tau1", 256)):
+        f = B.flops(B.METHODS_BY_NAME[name], 256)
+        macs = saved = 0
+        for i, o in [(784, 512), (512, 256), (256, 10)]:
+            d = i + 1
+            full, factored = o * o * d + o * d * d, 256 * (o * o + d * d + o * d)
+            macs += 3 * 256 * i * o + full + rows * (d * d + o * o) + (d**3 + o**3) / 10
+            saved += max(0, full - factored)  # layer 1 only: the factored form is cheaper there
+        assert math.isclose(f["floor"], 2 * macs, rel_tol=1e-12)
+        assert saved > 0 and math.isclose(f["floor_factored"], 2 * (macs - saved), rel_tol=1e-12)
+        assert math.isclose(f["sgd"], 2 * 3 * 256 * (784 * 512 + 512 * 256 + 256 * 10), rel_tol=1e-12)
+    # at batch 64 the floor of 32 rows is half the batch
+    assert math.isclose(B.flops(B.METHODS_BY_NAME["kfac"], 64)["parts"]["statistics"],
+                        2 * 32 * sum((i + 1) ** 2 + o * o for i, o in [(784, 512), (512, 256), (256, 10)]),
+                        rel_tol=1e-12)
 
 
 def test_ekfac_flop_floor_by_hand():

@@ -67,7 +67,7 @@ def test_stat_fraction_fits_bases_and_scales_on_the_first_examples():
     E, _ = ref.ekfac_dense(model, x[:4], y[:4], "categorical", "exact")
     expected = torch.linalg.solve(E + lam * torch.eye(E.shape[0], dtype=torch.float64), grad_of(model, x, y))
     opt = O.EKFAC(model, lr=lr, damping=lam, estimator="exact",
-                  schedule=O.Schedule(decay=0.0, stat_fraction=0.5), step_policy=plain())
+                  schedule=O.Schedule(decay=0.0, stat_fraction=0.5, stat_min_examples=1), step_policy=plain())
     change = step_change(opt, model, x, y)
     H.assert_rel_close(change / lr, expected, 1e-8, "EKFAC direction, statistics of 4 of 8 examples")
 

@@ -93,9 +93,54 @@ def test_stat_fraction_uses_the_first_examples(model_name, estimator):
     model = MODELS[model_name]()
     x, y = data(model, 10)
     expected = ref.kfac_factors(model, x[:3], y[:3], "categorical", estimator)
-    opt = O.KFAC(model, estimator=estimator, schedule=O.Schedule(decay=0.0, stat_fraction=0.25))
+    schedule = O.Schedule(decay=0.0, stat_fraction=0.25, stat_min_examples=1)
+    opt = O.KFAC(model, estimator=estimator, schedule=schedule)
     train_step(opt, model, x, y)
     assert_factors_equal(opt_factors(opt, model), expected, "first 3 of 10 examples")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_stat_rows_rotate_through_a_repeated_batch(estimator):
+    """Full-batch training with τ₁ N = 3 of 10 rows: the statistics steps take rows 0-2, 3-5,
+    6-8, then 9, 0, 1 (wrapping), so every example enters the factors in turn."""
+    O = optim()
+    model = mlp(3)
+    x, y = data(model, 10)
+    schedule = O.Schedule(decay=0.0, stat_fraction=0.25, stat_min_examples=1)
+    opt = O.KFAC(model, estimator=estimator, schedule=schedule, step_policy=plain())
+    for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]):
+        expected = ref.kfac_factors(model, x[rows], y[rows], "categorical", estimator)
+        train_step(opt, model, x, y)
+        assert_factors_equal(opt_factors(opt, model), expected, f"rows {rows}")
+
+
+def test_stat_min_examples_bounds_the_subset():
+    """R = max(⌈τ₁ N⌉, stat_min_examples), all rows of a batch smaller than that."""
+    O = optim()
+    for minimum, rows in ((4, 4), (32, 10)):
+        model = mlp(4)
+        x, y = data(model, 10)
+        expected = ref.kfac_factors(model, x[:rows], y[:rows], "categorical", "exact")
+        schedule = O.Schedule(decay=0.0, stat_fraction=0.125, stat_min_examples=minimum)
+        opt = O.KFAC(model, estimator="exact", schedule=schedule, step_policy=plain())
+        train_step(opt, model, x, y)
+        assert_factors_equal(opt_factors(opt, model), expected, f"first {rows} rows")
+
+
+def test_default_schedules():
+    """K-FAC's statistics use Martens & Grosse's τ₁ = 1/8 of each batch (at least 32 examples);
+    EKFAC's and NGD's the whole batch. On a batch of 64, K-FAC's first factors are those of the
+    first 32 examples."""
+    O = optim()
+    assert O.KFAC(mlp(5)).schedule == O.Schedule(stat_fraction=1 / 8, stat_min_examples=32)
+    assert O.EKFAC(mlp(5)).schedule.stat_fraction == 1.0
+    assert O.NGD(mlp(5)).schedule.stat_fraction == 1.0
+    model = mlp(5)
+    x, y = data(model, 64)
+    expected = ref.kfac_factors(model, x[:32], y[:32], "categorical", "exact")
+    opt = O.KFAC(model, estimator="exact", step_policy=plain())
+    train_step(opt, model, x, y)
+    assert_factors_equal(opt_factors(opt, model), expected, "first 32 of 64 examples")
 
 
 def test_stat_fraction_is_refused_by_ngd():

@@ -67,12 +67,21 @@ class BatchData:
     generic: dict[int, Tensor]  # block index -> per-example gradients [N, K, size]
     _cache: dict[int, Tensor] = field(default_factory=dict)
 
-    def first(self, count: int) -> BatchData:
-        """The same statistics restricted to the first ``count`` examples (views, no copies)."""
+    def rows(self, start: int, count: int) -> BatchData:
+        """The same statistics restricted to ``count`` consecutive examples from ``start``,
+        wrapping around the end of the batch (views unless they wrap)."""
         if count >= self.examples:
             return self
-        layers = {i: LayerData(d.adapter, d.raw_inputs[:count], d.grads[:count]) for i, d in self.layers.items()}
-        return BatchData(count, layers, {i: g[:count] for i, g in self.generic.items()})
+        start %= self.examples
+
+        def take(x: Tensor) -> Tensor:
+            end = start + count
+            if end <= self.examples:
+                return x[start:end]
+            return torch.cat([x[start:], x[: end - self.examples]])
+
+        layers = {i: LayerData(d.adapter, take(d.raw_inputs), take(d.grads)) for i, d in self.layers.items()}
+        return BatchData(count, layers, {i: take(g) for i, g in self.generic.items()})
 
     def per_example(self, index: int) -> Tensor:
         """Per-example gradients [N, K, size] of block ``index`` (materialised, cached)."""

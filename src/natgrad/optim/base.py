@@ -300,7 +300,11 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         return loss
 
     def _statistics_batch(self) -> BatchData:
-        """This step's statistics, restricted to the first ⌈τ₁ N⌉ examples (``stat_fraction``)."""
+        """This step's statistics, restricted to R = max(⌈τ₁ N⌉, ⌈``stat_min_examples`` / ranks⌉)
+        examples of this rank's N (``stat_fraction`` τ₁; the ranks' R add up to the minimum): the
+        j-th statistics step takes the rows from jR mod N on, so that a batch seen again
+        (full-batch training, an unshuffled loader) enters the factors with all of its examples in
+        turn."""
         if self.estimator == "empirical":
             batch = self._empirical_batch()
         elif self._stats_batch is None:
@@ -310,7 +314,10 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             )
         else:
             batch = self._stats_batch
-        return batch.first(math.ceil(self.schedule.stat_fraction * batch.examples))
+        ranks = 1 if self.comm is None else self.comm.world
+        count = max(math.ceil(self.schedule.stat_fraction * batch.examples),
+                    math.ceil(self.schedule.stat_min_examples / ranks))
+        return batch.rows(self.steps // self.schedule.stat_every * count, count)
 
     def _is_refresh_step(self) -> bool:
         return self.steps % self.schedule.inverse_every == 0 or self.steps < 3

@@ -32,20 +32,26 @@ class Schedule:
     """Statistics every ``stat_every`` steps; inverses/eigenbases every ``inverse_every`` steps
     (and on the first three steps, as in Martens & Grosse §8). Factors are running averages
     ``new = ρ old + (1 − ρ) batch`` with ρ = min(1 − 1/k, ``decay``) at the k-th update.
-    ``stat_fraction`` τ₁: the statistics use the first ⌈τ₁ N⌉ examples of each batch of N (a
-    random subset when the loader shuffles; the paper's τ₁ = 1/8 makes the factor products 8×
-    cheaper, the Fisher backprop itself still runs through the whole batch's graph)."""
+    ``stat_fraction`` τ₁: the statistics use ⌈τ₁ N⌉ consecutive examples of each batch of N,
+    starting where the previous statistics step's stopped (cyclically), so that a batch seen
+    again — full-batch training, an unshuffled loader — contributes all of its examples in turn
+    (the paper's τ₁ = 1/8 makes the factor products 8× cheaper; the Fisher backprop itself still
+    runs through the whole batch's graph), but at least ``stat_min_examples`` of them (all of a
+    smaller batch): on small batches the subset saves little time and costs progress per step.
+    K-FAC defaults to τ₁ = 1/8, EKFAC and NGD to 1."""
 
     stat_every: int = 1
     inverse_every: int = 10
     decay: float = 0.95
     stat_fraction: float = 1.0
+    stat_min_examples: int = 32
 
     def __post_init__(self) -> None:
         _positive_int("Schedule.stat_every", self.stat_every)
         _positive_int("Schedule.inverse_every", self.inverse_every)
         _number("Schedule.decay", self.decay, 0.0, 1.0)
         _number("Schedule.stat_fraction", self.stat_fraction, 0.0, 1.0, low_open=True, high_open=False)
+        _positive_int("Schedule.stat_min_examples", self.stat_min_examples)
 
 
 @dataclass(frozen=True)

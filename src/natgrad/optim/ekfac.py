@@ -25,6 +25,7 @@ from ..collect import BatchData
 from ..layers.base import LayerAdapter
 from ..linalg import symmetric_eigh
 from ..statistics import eigenbasis_second_moments, projected_inputs
+from .config import Schedule
 from .gradient_factors import factored_cost_is_lower
 from .kfac import KFAC, LayerGradient, sandwich
 
@@ -56,14 +57,19 @@ class EKFAC(KFAC):
     ignored: damping is always exact in the eigenbasis; ``sharding`` is "inverses" or
     "replicated")."""
 
-    def __init__(self, model: nn.Module, *args, sharding: str = "inverses", **kwargs) -> None:
+    def __init__(
+        self, model: nn.Module, *args, schedule: Schedule = Schedule(), sharding: str = "inverses", **kwargs
+    ) -> None:
+        """``schedule`` defaults to whole batches for the statistics (K-FAC's is τ₁ = 1/8): the
+        scales restart with every eigenbasis, so they are fit from at most ``inverse_every``
+        batches — too few rows for a layer's O·D scales from an eighth of each."""
         if sharding == "gradients":
             raise ValueError(
                 "EKFAC cannot shard by preconditioned gradients: every rank needs every layer's "
                 "eigenbasis to measure the scales of its own examples; use sharding='inverses'"
             )
         self._projected: dict[int, tuple[Tensor, int, Tensor]] = {}  # this step's (h, its version, ā Q_A)
-        super().__init__(model, *args, sharding=sharding, **kwargs)
+        super().__init__(model, *args, schedule=schedule, sharding=sharding, **kwargs)
 
     def _update_statistics(self, batch: BatchData) -> None:
         super()._update_statistics(batch)

@@ -88,6 +88,10 @@ class KFAC(CurvatureOptimizer):
         estimator: "mc" (default), "exact" or "empirical".
         samples: draws of y per input for "mc".
         schedule, damping_policy, step_policy: option groups (:mod:`natgrad.optim.config`).
+            The default schedule takes the statistics from ⌈N/8⌉ examples of each batch
+            (Martens & Grosse's τ₁ = 1/8): the factor products cost 1/8 of the full batch's, and on
+            mnist-autoencoder K-FAC reached the target on 5 seeds of 5 in ~60 s against 4 of 5 and
+            a median of 84 s with whole batches (docs/convergence.md).
         other: update of parameters of modules without a layer adapter: "adam", "sgd", "diagonal".
         param_groups: optional groups with their own lr/damping/weight_decay.
         process_group: torch.distributed group whose ranks share the training (default: the
@@ -104,7 +108,7 @@ class KFAC(CurvatureOptimizer):
         estimator: str = "mc",
         samples: int = 1,
         *,
-        schedule: Schedule = Schedule(),
+        schedule: Schedule = Schedule(stat_fraction=1 / 8),
         damping_policy: DampingPolicy = DampingPolicy(),
         step_policy: StepPolicy = StepPolicy(),
         other: str = "adam",
