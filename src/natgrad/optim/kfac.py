@@ -88,10 +88,10 @@ class KFAC(CurvatureOptimizer):
         estimator: "mc" (default), "exact" or "empirical".
         samples: draws of y per input for "mc".
         schedule, damping_policy, step_policy: option groups (:mod:`natgrad.optim.config`).
-            The default schedule takes the statistics from ⌈N/8⌉ examples of each batch
-            (Martens & Grosse's τ₁ = 1/8): the factor products cost 1/8 of the full batch's, and on
-            mnist-autoencoder K-FAC reached the target on 5 seeds of 5 in ~60 s against 4 of 5 and
-            a median of 84 s with whole batches (docs/convergence.md).
+            The default schedule takes the statistics from ⌈N/8⌉ examples of each batch of N, at
+            least 32 (Martens & Grosse's τ₁ = 1/8): the factor products cost 1/8 of the whole
+            batch's, and on mnist-autoencoder K-FAC reached the target on 5 seeds of 5 in ~60 s
+            against 4 of 5 and a median of 84 s with whole batches (docs/convergence.md).
         other: update of parameters of modules without a layer adapter: "adam", "sgd", "diagonal".
         param_groups: optional groups with their own lr/damping/weight_decay.
         process_group: torch.distributed group whose ranks share the training (default: the
