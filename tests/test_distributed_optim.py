@@ -158,11 +158,11 @@ def resume_scenario(rank: int, world: int) -> dict:
     return {"straight": straight, "resumed": resumed}
 
 
-def factors_scenario(rank: int, world: int, schedule=None) -> dict:
+def factors_scenario(rank: int, world: int, **options) -> dict:
     """Reduced K-FAC factors after one empirical statistics step, and the inputs of each layer."""
     model = make_model("mlp")
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer("kfac", ddp, estimator="empirical", **({} if schedule is None else {"schedule": schedule}))
+    opt = make_optimizer("kfac", ddp, estimator="empirical", **options)
     train(opt, ddp, batches("mlp")[:1], rank, world, plain_backward=True)
     state = {name: {k: opt.state[module.weight][k].clone() for k in ("A", "G")}
              for name, module in (("0", model[0]), ("2", model[2]))}
@@ -239,7 +239,7 @@ def everything(rank: int, world: int) -> dict:
     from natgrad.optim import Schedule
 
     subset = Schedule(stat_fraction=1 / 8, stat_min_examples=SUBSET_ROWS)
-    results["subset_factors"] = factors_scenario(rank, world, subset)
+    results["subset_factors"] = factors_scenario(rank, world, schedule=subset)
     results["failures"] = failures_scenario(rank, world)
     return results
 

@@ -17,14 +17,10 @@ import torch
 import helpers as H
 import reference as ref
 from test_optim_helpers import (
-    bases_of, data, eigen_direction, ekfac_direction, ekfac_scales, grad_of, mlp, optim,
+    bases_of, data, eigen_direction, ekfac_direction, ekfac_scales, grad_of, mlp, optim, plain,
     step_change,
 )
 
-
-
-def plain():
-    return optim().StepPolicy(rescale="none", momentum=0.0)
 
 
 def average(old, new, rho):

@@ -258,7 +258,8 @@ def test_ekfac_statistics_of_a_subset_do_not_lend_their_projection(monkeypatch):
     x, y = data(model, 4)
     E, _ = ref.ekfac_dense(model, x[:2], y[:2], "categorical", "exact")
     expected = torch.linalg.solve(E + LAM * torch.eye(E.shape[0], dtype=torch.float64), grad_of(model, x, y))
-    opt = O.EKFAC(model, lr=LR, damping=LAM, estimator="exact", schedule=O.Schedule(decay=0.0, stat_fraction=0.5, stat_min_examples=1),
+    schedule = O.Schedule(decay=0.0, stat_fraction=0.5, stat_min_examples=1)
+    opt = O.EKFAC(model, lr=LR, damping=LAM, estimator="exact", schedule=schedule,
                   step_policy=O.StepPolicy(rescale="none", momentum=0.0))
     change, _ = run_step(opt, model, x, y)
     H.assert_rel_close(change, expected, 1e-8, "EKFAC factored, statistics of 2 of 4 rows")

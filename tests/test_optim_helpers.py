@@ -204,6 +204,30 @@ def ekfac_direction(model, grad, bases, scales, damping):
     return out
 
 
+MODELS = {"mlp": lambda: mlp(0), "cnn": lambda: H.cnn(0)}  # the K-FAC layer types: Linear, Conv2d
+
+
+def mlp_batches(n, size=6, seed=10):
+    """``n`` batches of ``size`` for the default mlp, seeds ``seed``, ``seed`` + 1, ..."""
+    model = mlp(2)
+    return [data(model, size, seed=seed + i) for i in range(n)]
+
+
+def plain(**kw):
+    """StepPolicy of the bare direction: no rescaling, no momentum (the step is lr·Δ)."""
+    return optim().StepPolicy(rescale="none", momentum=0.0, **kw)
+
+
+def assert_factors_equal(actual, expected, what, rtol=1e-10):
+    """{layer: [(A_g, G_g)]} of the optimizer against a reference's, group by group."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert len(actual[name]) == len(expected[name])
+        for g, ((A, G), (Ae, Ge)) in enumerate(zip(actual[name], expected[name])):
+            H.assert_rel_close(A, Ae, rtol, f"{what}: A of {name} group {g}")
+            H.assert_rel_close(G, Ge, rtol, f"{what}: G of {name} group {g}")
+
+
 def opt_factors(opt, model):
     """The optimizer's A, G per layer, as {layer: [(A_g, G_g)]} (state of the weight)."""
     out = {}

@@ -2,9 +2,8 @@
 
 * statistics: after one statistics step with Schedule(decay=0) the factors A, G in the state of
   each layer's weight equal the brute-force factors of tests/reference.py and the factors of
-  natgrad.fisher(..., structure="kfac") for the same batch; running averages follow
-  new = ρ old + (1 − ρ) batch with ρ = min(1 − 1/k, decay); statistics only every stat_every
-  steps;
+  natgrad.fisher(..., structure="kfac") for the same batch (which examples and steps enter the
+  statistics, and their running averages: test_optim_kfac_schedule.py);
 * directions: with StepPolicy(rescale="none", momentum=0) the step is lr·Δ with
   Δ = (G + √λ/π I)⁻¹ ∇M (A + π√λ I)⁻¹ (factored) or (G ⊗ A + λ I)⁻¹ vec ∇M (eigen), written
   here plainly from the reference factors; inverses are stale between refreshes
@@ -24,26 +23,9 @@ import torch
 import helpers as H
 import reference as ref
 from test_optim_helpers import (
-    data, eigen_direction, factored_direction, flat_params, grad_of, layer_slices, mlp, nll,
-    opt_factors, optim, step_change, train_step,
+    MODELS, assert_factors_equal, data, eigen_direction, factored_direction, flat_params, grad_of, layer_slices, mlp,
+    mlp_batches, nll, opt_factors, optim, plain, step_change, train_step,
 )
-
-
-MODELS = {"mlp": lambda: mlp(0), "cnn": lambda: H.cnn(0)}
-
-
-def plain(**kw):
-    O = optim()
-    return O.StepPolicy(rescale="none", momentum=0.0, **kw)
-
-
-def assert_factors_equal(actual, expected, what, rtol=1e-10):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert len(actual[name]) == len(expected[name])
-        for g, ((A, G), (Ae, Ge)) in enumerate(zip(actual[name], expected[name])):
-            H.assert_rel_close(A, Ae, rtol, f"{what}: A of {name} group {g}")
-            H.assert_rel_close(G, Ge, rtol, f"{what}: G of {name} group {g}")
 
 
 # --------------------------------------------------------------------------------------
@@ -85,128 +67,6 @@ def test_empirical_factors_from_plain_loss_backward():
     assert_factors_equal(opt_factors(opt, model), expected, "plain loss.backward()")
 
 
-@pytest.mark.parametrize("estimator", ["exact", "empirical"])
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_stat_fraction_uses_the_first_examples(model_name, estimator):
-    """Schedule(stat_fraction=τ₁): the factors of the first ⌈τ₁ N⌉ examples (τ₁ N = 2.5 here)."""
-    O = optim()
-    model = MODELS[model_name]()
-    x, y = data(model, 10)
-    expected = ref.kfac_factors(model, x[:3], y[:3], "categorical", estimator)
-    schedule = O.Schedule(decay=0.0, stat_fraction=0.25, stat_min_examples=1)
-    opt = O.KFAC(model, estimator=estimator, schedule=schedule)
-    train_step(opt, model, x, y)
-    assert_factors_equal(opt_factors(opt, model), expected, "first 3 of 10 examples")
-
-
-@pytest.mark.parametrize("estimator", ["exact", "empirical"])
-def test_stat_rows_rotate_through_a_repeated_batch(estimator):
-    """Full-batch training with τ₁ N = 3 of 10 rows: the statistics steps take rows 0-2, 3-5,
-    6-8, then 9, 0, 1 (wrapping), so every example enters the factors in turn."""
-    O = optim()
-    model = mlp(3)
-    x, y = data(model, 10)
-    schedule = O.Schedule(decay=0.0, stat_fraction=0.25, stat_min_examples=1)
-    opt = O.KFAC(model, estimator=estimator, schedule=schedule, step_policy=plain())
-    for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]):
-        expected = ref.kfac_factors(model, x[rows], y[rows], "categorical", estimator)
-        train_step(opt, model, x, y)
-        assert_factors_equal(opt_factors(opt, model), expected, f"rows {rows}")
-
-
-def test_stat_min_examples_bounds_the_subset():
-    """R = max(⌈τ₁ N⌉, stat_min_examples), all rows of a batch smaller than that."""
-    O = optim()
-    for minimum, rows in ((4, 4), (32, 10)):
-        model = mlp(4)
-        x, y = data(model, 10)
-        expected = ref.kfac_factors(model, x[:rows], y[:rows], "categorical", "exact")
-        schedule = O.Schedule(decay=0.0, stat_fraction=0.125, stat_min_examples=minimum)
-        opt = O.KFAC(model, estimator="exact", schedule=schedule, step_policy=plain())
-        train_step(opt, model, x, y)
-        assert_factors_equal(opt_factors(opt, model), expected, f"first {rows} rows")
-
-
-def test_default_schedules():
-    """K-FAC's statistics use Martens & Grosse's τ₁ = 1/8 of each batch (at least 32 examples);
-    EKFAC's and NGD's the whole batch. On a batch of 64, K-FAC's first factors are those of the
-    first 32 examples."""
-    O = optim()
-    assert O.KFAC(mlp(5)).schedule == O.Schedule(stat_fraction=1 / 8, stat_min_examples=32)
-    assert O.EKFAC(mlp(5)).schedule.stat_fraction == 1.0
-    assert O.NGD(mlp(5)).schedule.stat_fraction == 1.0
-    model = mlp(5)
-    x, y = data(model, 64)
-    expected = ref.kfac_factors(model, x[:32], y[:32], "categorical", "exact")
-    opt = O.KFAC(model, estimator="exact", step_policy=plain())
-    train_step(opt, model, x, y)
-    assert_factors_equal(opt_factors(opt, model), expected, "first 32 of 64 examples")
-
-
-def test_stat_fraction_is_refused_by_ngd():
-    O = optim()
-    with pytest.raises(ValueError, match="stat_fraction"):
-        O.NGD(mlp(0), schedule=O.Schedule(stat_fraction=0.5, decay=0.0))
-
-
-def _averaged_run(schedule, steps, batches, estimator="exact"):
-    """Run KFAC, return per step: (factors after the step, reference batch factors or None)."""
-    O = optim()
-    model = mlp(2)
-    opt = O.KFAC(model, estimator=estimator, schedule=schedule, step_policy=plain(), lr=0.1)
-    out = []
-    for k in range(steps):
-        x, y = batches[k]
-        is_stats = k % schedule.stat_every == 0
-        batch = ref.kfac_factors(model, x, y, "categorical", estimator) if is_stats else None
-        train_step(opt, model, x, y)
-        out.append((opt_factors(opt, model), batch))
-    return out
-
-
-def _batches(n, size=6, seed=10):
-    model = mlp(2)
-    return [data(model, size, seed=seed + i) for i in range(n)]
-
-
-@pytest.mark.parametrize("decay", [0.0, 0.5, 0.95])
-def test_running_average_of_factors(decay):
-    O = optim()
-    steps = 4
-    run = _averaged_run(O.Schedule(decay=decay, inverse_every=1), steps, _batches(steps))
-    expected = None
-    for k, (actual, batch) in enumerate(run, start=1):
-        rho = min(1 - 1 / k, decay)
-        if expected is None:
-            expected = batch
-        else:
-            expected = {name: [(rho * A + (1 - rho) * Ab, rho * G + (1 - rho) * Gb)
-                               for (A, G), (Ab, Gb) in zip(expected[name], batch[name])]
-                        for name in expected}
-        assert_factors_equal(actual, expected, f"decay={decay}, after statistics update {k}")
-
-
-def test_statistics_only_every_stat_every_steps():
-    O = optim()
-    steps = 5
-    run = _averaged_run(O.Schedule(stat_every=2, decay=0.5, inverse_every=1), steps, _batches(steps))
-    expected, k = None, 0
-    for step, (actual, batch) in enumerate(run):
-        if step % 2 == 0:
-            k += 1
-            rho = min(1 - 1 / k, 0.5)
-            expected = batch if expected is None else {
-                name: [(rho * A + (1 - rho) * Ab, rho * G + (1 - rho) * Gb)
-                       for (A, G), (Ab, Gb) in zip(expected[name], batch[name])]
-                for name in expected}
-        else:
-            previous = run[step - 1][0]
-            for name in actual:  # untouched, bit for bit
-                for (A, G), (Ap, Gp) in zip(actual[name], previous[name]):
-                    assert torch.equal(A, Ap) and torch.equal(G, Gp), f"step {step} changed the factors"
-        assert_factors_equal(actual, expected, f"stat_every=2, step {step}")
-
-
 # --------------------------------------------------------------------------------------
 # directions
 # --------------------------------------------------------------------------------------
@@ -234,7 +94,7 @@ def test_inverses_are_refreshed_only_every_inverse_every_steps(mode):
     the inverses of the factors of step 2 with the gradient of step 3; step 5 those of step 4."""
     O = optim()
     model = mlp(3)
-    batches = _batches(6, size=7, seed=30)
+    batches = mlp_batches(6, size=7, seed=30)
     lam, lr = 0.05, 0.05
     opt = O.KFAC(model, lr=lr, damping=lam, estimator="exact",
                  schedule=O.Schedule(decay=0.0, inverse_every=4),
@@ -308,7 +168,7 @@ def test_heavy_ball_momentum():
     opt = O.KFAC(model, lr=lr, damping=lam, estimator="exact", schedule=O.Schedule(decay=0.0),
                  step_policy=O.StepPolicy(rescale="none", momentum=mu))
     buffer = None
-    for k, (x, y) in enumerate(_batches(3, size=7, seed=40)):
+    for k, (x, y) in enumerate(mlp_batches(3, size=7, seed=40)):
         direction = factored_direction(model, grad_of(model, x, y),
                                        ref.kfac_factors(model, x, y, "categorical", "exact"), lam)
         buffer = direction if buffer is None else mu * buffer + direction

@@ -21,7 +21,6 @@ traffic, more per-step traffic). ``"replicated"`` computes everything everywhere
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

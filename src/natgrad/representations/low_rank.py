@@ -37,7 +37,11 @@ class ExplicitRows:
 
     def __init__(self, rows: Tensor) -> None:
         self.rows = rows
-        self.count = rows.shape[0]  # M
+
+    @property
+    def count(self) -> int:
+        """M, the number of rows."""
+        return self.rows.shape[0]
 
     def times(self, v: Tensor) -> Tensor:
         """U_b V for V [size, m] -> [M, m]."""
@@ -68,7 +72,10 @@ class FactoredRows:
         self.adapter = adapter
         self.grads = grads
         self.inputs = inputs
-        self.count = grads.shape[0]  # M
+
+    @property
+    def count(self) -> int:
+        return self.grads.shape[0]
 
     def times(self, v: Tensor) -> Tensor:
         matrices = self.adapter.to_matrix(v.T)[:, 0]  # [m, O, D]
