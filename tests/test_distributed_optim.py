@@ -17,10 +17,13 @@ from torch import nn
 
 from distributed_harness import run_ranks
 from helpers import DT, cnn, mlp
+import reference as ref
+from test_optim_helpers import factored_direction, grad_of
 
 GLOBAL_BATCH = 12  # divisible by 2 and 3
 STEPS = 4
 SUBSET_ROWS = 6  # stat_min_examples of the statistics-subset scenario: divisible by 2 and 3
+QUADRATIC_DAMPING = 0.03
 # Two float64 computations of the same sums in a different order differ by ~1e-16 relative;
 # four optimizer steps (Cholesky, eigh, solves with damping ≥ 1e-3) amplify that by well
 # under 10^4. 1e-9 catches any missing rank, wrong normalisation or unreduced sum (O(1)).
@@ -170,6 +173,30 @@ def factors_scenario(rank: int, world: int, **options) -> dict:
     return state
 
 
+def quadratic_rows_scenario(rank: int, world: int) -> dict:
+    """θ_before − θ_after of one exact K-FAC step whose quadratic model takes ⌈6/R⌉ rows of each
+    rank's slice (τ₂ N/R is fewer), with J·v from the graph and replayed under torch.func."""
+    import natgrad.optim.step_rules as SR
+    from natgrad.optim import Schedule, StepPolicy
+
+    policy = StepPolicy(kl_clip=1e10, quadratic_fraction=1 / 8, quadratic_min_examples=SUBSET_ROWS)
+    changes, threshold = {}, SR.REPLAY_DISPATCH_MACS
+    try:
+        for path, cost in (("graph", float("inf")), ("replay", -1.0)):
+            SR.REPLAY_DISPATCH_MACS = cost
+            model = make_model("mlp")
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = make_optimizer("kfac", ddp, estimator="exact", damping=QUADRATIC_DAMPING,
+                                 schedule=Schedule(decay=0.0), step_policy=policy)
+            before = flat(model)
+            train(opt, ddp, batches("mlp")[:1], rank, world)
+            changes[path] = before - flat(model)
+            opt.remove_hooks()
+    finally:
+        SR.REPLAY_DISPATCH_MACS = threshold
+    return changes
+
+
 def failures_scenario(rank: int, world: int) -> dict:
     out = {}
     # different parameters on the ranks, model not wrapped: caught at construction
@@ -240,6 +267,7 @@ def everything(rank: int, world: int) -> dict:
 
     subset = Schedule(stat_fraction=1 / 8, stat_min_examples=SUBSET_ROWS)
     results["subset_factors"] = factors_scenario(rank, world, schedule=subset)
+    results["quadratic_rows"] = quadratic_rows_scenario(rank, world)
     results["failures"] = failures_scenario(rank, world)
     return results
 
@@ -334,6 +362,25 @@ def test_statistics_subsets_add_up_over_the_ranks(ranks):
     rows = [rank * size + i for rank in range(world) for i in range(take)]
     assert len(rows) == SUBSET_ROWS
     _assert_factors(results, "subset_factors", _plain_factors(rows))
+
+
+def test_quadratic_model_rows_add_up_over_the_ranks(ranks):
+    """StepPolicy(quadratic_fraction=1/8, quadratic_min_examples=6): the first ⌈6/R⌉ rows of each
+    rank's slice make up the F of the first step's α* = ∇ᵀΔ / (ΔᵀF Δ + λΔᵀΔ) (brute force: ∇ and
+    the factors of Δ from the whole global batch)."""
+    world, results = ranks
+    size, take = GLOBAL_BATCH // world, -(-SUBSET_ROWS // world)
+    rows = [rank * size + i for rank in range(world) for i in range(take)]
+    model = make_model("mlp")
+    x, y = batches("mlp")[0]
+    lam = QUADRATIC_DAMPING
+    grad = grad_of(model, x, y)
+    direction = factored_direction(model, grad, ref.kfac_factors(model, x, y, "categorical", "exact"), lam)
+    F_rows = ref.fisher_exact(model, x[rows], "categorical")
+    alpha = float(grad @ direction) / float(direction @ F_rows @ direction + lam * direction @ direction)
+    for r in results:
+        for path, change in r["quadratic_rows"].items():
+            assert torch.allclose(change, alpha * direction, rtol=0, atol=RTOL * direction.abs().max() * alpha), path
 
 
 def test_mismatched_models_and_options_fail_at_construction_on_every_rank(ranks):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import LayerCapture
-from .data import run_model
+from .data import cyclic_rows, run_model
 from .errors import UnsupportedLayerError
 from .estimators import backprop_vectors
 from .functional import per_example_gradients
@@ -72,13 +72,9 @@ class BatchData:
         wrapping around the end of the batch (views unless they wrap)."""
         if count >= self.examples:
             return self
-        start %= self.examples
 
         def take(x: Tensor) -> Tensor:
-            end = start + count
-            if end <= self.examples:
-                return x[start:end]
-            return torch.cat([x[start:], x[: end - self.examples]])
+            return cyclic_rows(x, start, count)
 
         layers = {i: LayerData(d.adapter, take(d.raw_inputs), take(d.grads)) for i, d in self.layers.items()}
         return BatchData(count, layers, {i: take(g) for i, g in self.generic.items()})

@@ -47,6 +47,16 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def cyclic_rows(x: Tensor, start: int, count: int) -> Tensor:
+    """``count`` ≤ N consecutive rows of ``x`` [N, ...] from ``start`` (mod N), wrapping around the
+    end (a view unless they wrap)."""
+    start %= x.shape[0]
+    end = start + count
+    if end <= x.shape[0]:
+        return x[start:end]
+    return torch.cat([x[start:], x[: end - x.shape[0]]])
+
+
 def run_model(model: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """``model(*args)``, with a failure of the model on these inputs (wrong feature size or
     dtype, ...) reported as the ValueError of bad data it is, torch's message attached."""

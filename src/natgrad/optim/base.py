@@ -39,6 +39,7 @@ from .capture import TrainingCapture
 from .config import DampingPolicy, Schedule, StepPolicy
 from .gradient_factors import FactorRecord, factored_cost_is_lower, record_backward
 from .groups import ParamGroups, check_lr
+from .quadratic_rows import BatchRows
 from .step_rules import StepRules
 
 
@@ -105,10 +106,12 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         self.steps = 0  # completed steps
         self._pending: tuple[Tensor, Tensor] | None = None  # (output, loss) of opt.backward
         self._linearized: LinearizedOutput | None = None  # J·v on that graph, for the quadratic model
+        self._rows: BatchRows | None = None  # the quadratic model's rows, if not the whole batch
         self._stats_batch: BatchData | None = None
         self._factors: FactorRecord | None = None  # layers whose .grad opt.backward left factored
         self._skip = False
         self._warned_no_graph = False
+        self._replay_off = False  # a replay of rows mismatched: J·v from the graph (warned once)
         self.step_state: dict = {}  # previous step δ₀, momentum buffer, last (α, μ), LM ratio
         self._grads_checked = False
         if self.comm is not None:
@@ -160,6 +163,8 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
         factors = self._uses_gradient_factors()
         self.capture.active = stats or factors
         self.capture.record_grads = (stats and self.estimator == "empirical") or factors
+        policy = self.step_policy  # the quadratic model may replay the model on some of its inputs
+        self.capture.record_inputs = policy.rescale == "quadratic" and policy.quadratic_fraction < 1
         if not self.capture.active:
             self.capture.clear()
 
@@ -186,8 +191,10 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             return
         keep = self._needs_graph()
         stats = self.is_statistics_step() and self.estimator != "empirical"
-        # the quadratic model's J·v reuse this backward (DDP reduces .grad without a graph)
-        pullback = keep and self.comm is None and output.requires_grad
+        rows, replay = self._quadratic_rows(output) if keep else (0, False)
+        # the quadratic model's J·v are replayed on rows of the batch, or they reuse this
+        # backward (DDP reduces .grad without a graph)
+        pullback = keep and not replay and self.comm is None and output.requires_grad
 
         def run() -> LinearizedOutput | None:
             if pullback:
@@ -206,6 +213,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             self._linearized = run()
         if keep and self._linearized is None:
             self._linearized = LinearizedOutput(output, self._params())
+        self._rows = self._rows_linearization(self._linearized, rows, replay) if rows else None
         self._pending = (output, loss.detach())
         if stats:
             self._stats_batch = self._fisher_batch(output, keep)
@@ -327,6 +335,7 @@ class CurvatureOptimizer(ParamGroups, StepRules, torch.optim.Optimizer):
             self.steps += 1
         self._pending = None
         self._linearized = None
+        self._rows = None
         self._stats_batch = None
         self._factors = None
         self.capture.clear()

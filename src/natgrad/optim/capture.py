@@ -4,8 +4,10 @@ On statistics steps the forward hooks keep each adapter layer's input and output
 :class:`natgrad.capture.LayerCapture` does for one call) and, for the empirical Fisher, a
 tensor hook on the output stores ∂loss/∂output when the user's ``loss.backward()`` runs —
 tensor hooks see the gradient of the value at registration, so a later in-place operation
-does not disturb them. A pre-hook on the model records its inputs (used only by the
-structures that need a functional re-evaluation) and starts a fresh count of calls per forward.
+does not disturb them. A pre-hook on the model records its inputs (for the structures that need
+a functional re-evaluation, and, with ``record_inputs``, on every forward for the quadratic
+model's replay of a subset of rows), whether they were its only argument and the autocast state
+the forward ran under, and starts a fresh count of calls per forward.
 """
 
 from __future__ import annotations
@@ -24,21 +26,31 @@ class TrainingCapture(LayerCapture):
         self.model = model
         self.active = False
         self.record_grads = False
+        self.record_inputs = False
         self.grad_outputs: dict[str, Tensor] = {}
         self.model_inputs: Tensor | None = None
+        self.single_input = False  # model_inputs was the forward's only argument
+        self.autocast: torch.dtype | None = None  # the autocast dtype of the forward, if enabled
         self.__enter__()
         self.root_grad: Tensor | None = None
         try:
-            self._handles.append(model.register_forward_pre_hook(self._start))
+            self._handles.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._finish))
         except BaseException:
             self.remove()
             raise
 
-    def _start(self, module: nn.Module, inputs: tuple) -> None:
-        if self.active and torch.is_grad_enabled():
+    def _start(self, module: nn.Module, inputs: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if self.active:
             self.clear()
-            self.model_inputs = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if self.active or self.record_inputs:
+            first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+            self.model_inputs = first
+            self.single_input = first is not None and len(inputs) == 1 and not kwargs
+            device = first.device.type if first is not None else "cpu"
+            self.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
     def _finish(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if self.active and self.record_grads and torch.is_grad_enabled():
@@ -52,6 +64,8 @@ class TrainingCapture(LayerCapture):
         self._versions.clear()
         self.grad_outputs.clear()
         self.model_inputs = None
+        self.single_input = False
+        self.autocast = None
         self.root_grad = None
 
     def _hook(self, name: str):

@@ -3,7 +3,9 @@
 ``rescale="quadratic"``: δ = lr·(αΔ + μδ₀) with (α, μ) minimising the exact-Fisher quadratic
 model of the batch (Martens & Grosse §6.4, §7), shrunk into the Fisher-norm trust region;
 ``"kl_clip"``: Δ scaled so that lr²Δᵀ∇ ≤ kl_clip, then heavy-ball momentum; ``"none"``: lr and
-momentum. Adaptive damping (Levenberg–Marquardt) compares the loss change with the model.
+momentum. Adaptive damping (Levenberg–Marquardt) compares the loss change with the model. With
+``quadratic_fraction`` τ₂ < 1 the model's F is that of ⌈τ₂ N⌉ rows, its J·v replayed on them
+(:mod:`natgrad.optim.quadratic_rows`) for models large enough that this saves time.
 """
 
 from __future__ import annotations
@@ -16,12 +18,64 @@ from torch import Tensor
 from ..errors import warn
 from ..linalg import weighted_dot
 from .quadratic import quadratic_model
+from ..linearized import LinearizedOutput
+from .quadratic_rows import BatchRows, ReplayedRows, ReplayMismatch
+
+# torch.func's fixed cost for a replay (~1.5 ms of dispatch) in multiply-adds of one CPU core: a
+# replay of S rows for K = 2 directions saves (2K N − (1 + 2K) S)·P of them (P parameters ≈ the
+# multiply-adds of one row's forward through an MLP; convolutions make it an underestimate)
+REPLAY_DISPATCH_MACS = 5e7
 
 
 class StepRules:
     """Needs from the optimizer: ``step_policy``, ``damping_policy``, ``param_groups``,
-    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``_linearized``, ``comm``, ``_params()``,
-    ``_per_param()``."""
+    ``step_state`` (dict), ``steps``, ``likelihood``, ``_pending``, ``_linearized``, ``_rows``, ``comm``, ``_params()``,
+    ``_per_param()``, ``model``, ``blocks``, ``capture``, ``_replay_off`` (set once a replay mismatched)."""
+
+    def _quadratic_rows(self, output: Tensor) -> tuple[int, bool]:
+        """(S, replay): the quadratic model's S = max(⌈τ₂ N⌉, ⌈``quadratic_min_examples`` / ranks⌉)
+        rows of this rank's N (0: the whole batch), and whether to replay the model on them — when
+        it can be (one batch tensor as the forward's only argument, no mismatch seen) and the
+        products it saves outweigh torch.func's fixed dispatch cost."""
+        policy = self.step_policy
+        n = output.shape[0] if output.dim() else 0
+        ranks = 1 if self.comm is None else self.comm.world
+        count = max(math.ceil(policy.quadratic_fraction * n), math.ceil(policy.quadratic_min_examples / ranks))
+        if count >= n:
+            return 0, False
+        inputs = self.capture.model_inputs
+        replay = (
+            not self._replay_off and self.capture.single_input
+            and inputs is not None and inputs.shape[:1] == output.shape[:1]
+            and (4 * n - 5 * count) * sum(p.numel() for p in self._params()) > REPLAY_DISPATCH_MACS
+        )
+        return count, replay
+
+    def _rows_linearization(self, whole: LinearizedOutput, count: int, replay: bool) -> BatchRows:
+        """The quadratic model's linearization on this step's ``count`` rows: the j-th step takes
+        them from j·count (mod N) on, so a batch seen again contributes all of its rows in turn."""
+        start = self.steps * count
+        if not replay:
+            return BatchRows(whole, start, count)
+        names = [name for block in self.blocks for name in block.params]
+        return ReplayedRows(
+            whole, start, count, self.model, dict(zip(names, self._params())), self.capture.model_inputs,
+            self.capture.autocast,
+        )
+
+    def _quadratic_model(self, direction: Tensor, previous: Tensor | None, grads: Tensor, damping):
+        linearized = self._rows or self._linearized
+        if isinstance(linearized, ReplayedRows):
+            try:
+                return quadratic_model(linearized, self.likelihood, direction, previous, grads, damping, self.comm)
+            except ReplayMismatch as exc:
+                warn(
+                    f"{exc}: the quadratic model's J·v on its rows come from the batch's graph from now on "
+                    "(the same values, at the cost of quadratic_fraction=1)"
+                )
+                self._replay_off = True
+                linearized = BatchRows(linearized.whole, linearized.start, linearized.count)
+        return quadratic_model(linearized, self.likelihood, direction, previous, grads, damping, self.comm)
 
     def _update(self, direction: Tensor, grads: Tensor):
         """The parameter change δ (to add) and the quadratic model used, if any.
@@ -46,9 +100,7 @@ class StepRules:
         if rescale == "quadratic":
             damping = self._per_param("damping") + self._per_param("weight_decay")
             with torch.enable_grad():
-                model = quadratic_model(
-                    self._linearized, self.likelihood, -direction, previous, grads, damping, self.comm
-                )
+                model = self._quadratic_model(-direction, previous, grads, damping)
             alpha, mu = model.optimum(use_momentum=previous is not None)
             shrink = model.trust_region_scale((alpha, mu), policy.kl_clip)
             alpha, mu = alpha * shrink, mu * shrink
