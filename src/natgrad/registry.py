@@ -43,8 +43,12 @@ def _autoencoder_curvature(optim) -> dict:
     default 1e-3 (or the paper's λ=150, even adapted) swamps them and K-FAC sits on the ~205-nat
     plateau; λ=1e-6 does not. The Fisher-norm trust region is per image, and an image's loss is a
     sum over 784 pixels: 0.1 nats capped each step's predicted decrease at ~0.2 nats, 1 nat works
-    (10 was worse)."""
-    return {"damping": 1e-6, "step_policy": optim.StepPolicy(kl_clip=1.0)}
+    (10 was worse). The quadratic model takes Martens & Grosse's τ₂ = 1/4 of each batch (63 images
+    of 250, J·v replayed on them): every image carries 784 outputs, so the rows see the curvature
+    well, and each step is ~15 % cheaper (lr 1, ``natgrad train`` with a 60-s budget, seeds 0/1/2:
+    130 nats at the evaluation after 150/100/150 steps, 36/27/40 s, against 150/150/150 steps,
+    46/46/47 s with whole batches)."""
+    return {"damping": 1e-6, "step_policy": optim.StepPolicy(kl_clip=1.0, quadratic_fraction=0.25)}
 
 
 # Per-task options of the curvature optimizers: ``TUNED[task][class name](natgrad.optim)`` returns
