@@ -31,6 +31,7 @@ class Method:
     stat_fraction: float = 1.0
     stat_min_examples: int = 32  # natgrad's Schedule default
     rescale: str = "quadratic"
+    quadratic_fraction: float = 1.0  # StepPolicy's τ₂ (natgrad's default: the whole batch)
     target: float | None = None  # on the ratio to SGD, at batch 256 only
     peer: tuple[str, float] | None = None  # at batch 256 only (PEERS.md §5, amortised)
     floor_target: float | None = None  # on vs_floor = ratio / floor_ratio
@@ -48,6 +49,8 @@ METHODS = [
            "kfac", stat_every=10, stat_fraction=1 / 8),
     Method("kfac-tau1", "KFAC(..., schedule=Schedule(inverse_every=10)) (statistics of whole batches)",
            "kfac"),
+    Method("kfac-tau2", "KFAC(..., step_policy=StepPolicy(quadratic_fraction=1/4)) (quadratic model on "
+           "max(N/4, 32) rows, J·v replayed)", "kfac", stat_fraction=1 / 8, quadratic_fraction=1 / 4),
 ]
 METHODS_BY_NAME = {m.name: m for m in METHODS}
 
@@ -83,7 +86,8 @@ class Trainer:
                                                stat_fraction=method.stat_fraction,
                                                stat_min_examples=method.stat_min_examples,
                                                inverse_every=INVERSE_EVERY),
-                           step_policy=o.StepPolicy(rescale=method.rescale))
+                           step_policy=o.StepPolicy(rescale=method.rescale,
+                                                    quadratic_fraction=method.quadratic_fraction))
             self._step = self._natgrad_step
 
     def _next(self):
@@ -130,11 +134,15 @@ def flops(method: Method, n: int) -> dict:
     rows = min(n, max(math.ceil(n * method.stat_fraction), method.stat_min_examples))
     # EKFAC's projection reuses the scale statistics' āQ_A when those cover every row of every step
     inputs_known = method.kind == "ekfac" and method.stat_every == 1 and method.stat_fraction == 1
+    # the quadratic model's two J·v: a double backward through the batch's graph, ~1 forward of
+    # its n rows each, or on S rows replayed under torch.func: the rows' forward + 2 per direction
+    quad_rows = min(n, max(math.ceil(n * method.quadratic_fraction), 32))
+    quad_passes = 2 * n if quad_rows == n else 5 * quad_rows
     for i, o in LAYERS:
         d = i + 1
         fwd_bwd += 3 * n * i * o
         mc_backprop += n * i * o if i != LAYERS[0][0] else 0  # input grads of the extra backward
-        quad += 2 * n * i * o  # a JVP (forward-mode) for F·Δ and F·δ0: ~1 forward each
+        quad += quad_passes * i * o
         # K-FAC uses (G⁻¹gᵀ)(āA⁻¹), EKFAC (gQ_G)ᵀ(āQ_A) for its projection, where that is cheaper
         factored = n * (o * o + o * d + (0 if inputs_known else d * d))
         factored_saving += max(0.0, o * o * d + o * d * d - factored)

@@ -155,6 +155,12 @@ def test_flop_floor_by_hand():
     assert math.isclose(B.flops(B.METHODS_BY_NAME["kfac"], 64)["parts"]["statistics"],
                         2 * 32 * sum((i + 1) ** 2 + o * o for i, o in [(784, 512), (512, 256), (256, 10)]),
                         rel_tol=1e-12)
+    # the quadratic model's two J·v: ~a forward of the batch each on its graph; replayed on
+    # max(⌈256/4⌉, 32) = 64 rows, the rows' forward and two products per layer and direction
+    io = 784 * 512 + 512 * 256 + 256 * 10
+    for name, macs in (("kfac", 2 * 256 * io), ("kfac-tau2", 5 * 64 * io)):
+        f = B.flops(B.METHODS_BY_NAME[name], 256)
+        assert math.isclose(f["not_in_floor"]["quadratic_model"], 2 * macs, rel_tol=1e-12), name
 
 
 def test_ekfac_flop_floor_by_hand():
